@@ -1,0 +1,87 @@
+"""Atomic training checkpoints: an interrupted run resumes exactly where its last checkpoint was.
+
+A checkpoint is a folder written under a temporary name and renamed into place, and the
+``latest`` pointer is replaced the same way, so a crash at any moment leaves either the old
+or the new checkpoint complete, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffalign import pipeline
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or unreadable."""
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def save(
+    folder: Path,
+    *,
+    epoch: int,
+    unet: torch.nn.Module,
+    lora: bool,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write the state after ``epoch`` completed epochs to ``folder/epoch-NNNN`` and point ``latest`` at it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"epoch-{epoch:04d}"
+    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-epoch-{epoch:04d}-"))
+    if lora:
+        pipeline.save_lora(unet, staging / "lora")
+    else:
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(staging / "unet.safetensors"))
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    (staging / "trainer_state.json").write_text(json.dumps({"epoch": epoch, **trainer_state}), "utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _write_text_atomic(folder / LATEST, final.name)
+    for old in sorted(folder.glob("epoch-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(folder: Path) -> Path | None:
+    """The most recent complete checkpoint under ``folder``, or None when there is none."""
+    pointer = folder / LATEST
+    if not pointer.is_file():
+        return None
+    path = folder / pointer.read_text("utf-8").strip()
+    if not (path / "trainer_state.json").is_file():
+        raise CheckpointError(f"{pointer} points at {path}, which is not a complete checkpoint")
+    return path
+
+
+def load(
+    path: Path, *, unet: torch.nn.Module, lora: bool, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore weights and optimizer state from ``path``; returns the trainer state (with ``epoch``)."""
+    if lora:
+        pipeline.load_lora_into_adapter(unet, path / "lora")
+    else:
+        unet.load_state_dict(load_file(str(path / "unet.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return json.loads((path / "trainer_state.json").read_text("utf-8"))

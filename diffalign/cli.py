@@ -1,0 +1,221 @@
+"""The `diffalign` command: a thin shell over the Python API.
+
+Each subcommand parses its arguments and makes one call into the library; anything it does
+can be done from Python with the function named in its help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from diffalign import config as config_module
+from diffalign import prompts as prompt_sets
+
+
+def _reward_table() -> str:
+    from diffalign import rewards
+
+    rows = [f"  {item.name:<24} {'differentiable' if item.differentiable else '              '}  {item.description}"
+            for item in rewards.available()]
+    return "\n".join(rows)
+
+
+def _train_epilog() -> str:
+    keys = "\n".join(f"  {key:<36} {default:<22} {text}" for key, default, text in config_module.describe())
+    return (
+        f"methods:\n  {', '.join(config_module.METHODS)}\n\n"
+        f"rewards:\n{_reward_table()}\n\n"
+        f"prompt sets:\n  {', '.join(prompt_sets.builtin_names())} (or a .txt file, one prompt per line)\n\n"
+        f"config keys (YAML file and --set key=value):\n{keys}\n\n"
+        "Python: diffalign.train.train(diffalign.config.load_config(path, overrides))"
+    )
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options: dict = {}
+    for text in pairs:
+        options = config_module._merge(options, config_module.parse_override(text))
+    return options
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from diffalign.train import train
+
+    overrides = list(args.set or [])
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    config = config_module.load_config(args.config, overrides)
+    result = train(config, resume=args.resume, progress=not args.no_progress)
+    last = result.history[-1] if result.history else {}
+    print(f"done: {len(result.history)} epochs, last reward_mean {last.get('reward_mean', float('nan')):.4g}")
+    print(f"outputs in {result.output_dir} (metrics.jsonl, samples/, reward_curve.png, checkpoints/, lora/)")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffalign import images, pipeline, plots
+    from diffalign.sampling import sample
+
+    prompts = [args.prompt] if args.prompt else prompt_sets.load_prompts(args.prompts)
+    prompts = (prompts * args.num)[: args.num] if args.prompt else prompts[: args.num]
+    pipe = pipeline.load(args.model)
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
+    generator = torch.Generator().manual_seed(args.seed)
+    out = Path(args.output)
+    all_images = []
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        trajectory = sample(
+            pipe, batch, num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta, generator=generator
+        )
+        for offset, image in enumerate(trajectory.images):
+            images.save_image(image, out / f"{start + offset:04d}.png")
+        all_images.append(trajectory.images)
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n", "utf-8")
+    plots.save_grid(torch.cat(all_images), prompts, out / "grid.png", title=f"{args.model}")
+    print(f"wrote {len(prompts)} images, prompts.txt and grid.png to {out}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffalign import images, rewards
+
+    reward = rewards.build(args.reward, **_parse_options(args.option or []))
+    if args.images:
+        paths = images.list_images(args.images)
+        if not paths:
+            raise images.ImageError(f"no images ({', '.join(images.IMAGE_SUFFIXES)}) in {args.images}")
+        if args.captions:
+            captions = prompt_sets.load_prompts(args.captions)
+            if len(captions) != len(paths):
+                raise ValueError(f"{len(paths)} images but {len(captions)} captions in {args.captions}")
+        else:
+            captions = [args.prompt or ""] * len(paths)
+        names, scores = [], []
+        for path, caption in zip(paths, captions):
+            image = images.load_image(path)[None]
+            scores.append(rewards.checked_call(reward, image, [caption]).item())
+            names.append(path.name)
+    else:
+        from diffalign import pipeline
+        from diffalign.sampling import sample
+
+        captions = prompt_sets.load_prompts(args.prompts)
+        pipe = pipeline.load(args.model)
+        if args.lora:
+            pipe.load_lora_weights(args.lora)
+        generator = torch.Generator().manual_seed(args.seed)
+        names, scores = [], []
+        for start in range(0, len(captions), 8):
+            batch = captions[start : start + 8]
+            trajectory = sample(pipe, batch, num_steps=args.steps, generator=generator)
+            scores.extend(rewards.checked_call(reward, trajectory.images, batch).tolist())
+            names.extend(f"sample-{start + i:04d}" for i in range(len(batch)))
+    for name, caption, score in zip(names, captions, scores):
+        print(f"{score:12.5g}  {name}  {caption}")
+    mean = sum(scores) / len(scores)
+    print(f"{args.reward}: mean {mean:.5g} over {len(scores)} images")
+    if args.output:
+        with open(args.output, "w", newline="", encoding="utf-8") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["image", "prompt", args.reward])
+            writer.writerows(zip(names, captions, scores))
+    return 0
+
+
+def cmd_rewards(args: argparse.Namespace) -> int:
+    from diffalign import rewards
+
+    if args.json:
+        print(json.dumps([{"name": r.name, "differentiable": r.differentiable, "description": r.description,
+                           "needs_checkpoint": r.needs_checkpoint} for r in rewards.available()], indent=2))
+    else:
+        print(_reward_table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffalign", description="Align text-to-image diffusion models with rewards and human feedback."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="fine-tune a pipeline with a reward (DDPO)",
+        description="Fine-tune a Stable Diffusion pipeline's UNet (LoRA) to maximise a reward. With no "
+        "arguments: a short DDPO run of the built-in default.",
+        epilog=_train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", nargs="?", help="YAML config file (keys below)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key; repeatable")
+    train.add_argument("--output-dir", help="shorthand for --set output_dir=...")
+    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(handler=cmd_train)
+
+    sample = commands.add_parser("sample", help="generate images from a pipeline (+ LoRA)")
+    sample.add_argument("--model", default="tiny-random", help="built-in name, diffusers folder or cached hub id")
+    sample.add_argument("--lora", help="folder with a LoRA saved by `diffalign train` (its lora/ folder)")
+    group = sample.add_mutually_exclusive_group()
+    group.add_argument("--prompt", help="one prompt, repeated --num times")
+    group.add_argument("--prompts", default="simple-animals", help="prompt set name or text file")
+    sample.add_argument("--num", "-n", type=int, default=8, help="number of images")
+    sample.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    sample.add_argument("--guidance-scale", type=float, default=5.0)
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    sample.add_argument("--batch-size", type=int, default=8)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--output", "-o", default="samples", help="output folder")
+    sample.set_defaults(handler=cmd_sample)
+
+    score = commands.add_parser("score", help="score a folder of images, or generations from a prompt file")
+    score.add_argument("--reward", required=True, help="reward name (see `diffalign rewards`)")
+    score.add_argument("--option", action="append", metavar="KEY=VALUE", help="reward option, e.g. checkpoint=/path")
+    source = score.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images to score")
+    source.add_argument("--prompts", help="prompt set or file: generate one image per prompt and score it")
+    score.add_argument("--prompt", help="the prompt all images in --images are scored against")
+    score.add_argument("--captions", help="text file with one prompt per image of --images (sorted by name)")
+    score.add_argument("--model", default="tiny-random", help="pipeline for --prompts")
+    score.add_argument("--lora", help="LoRA folder for --prompts")
+    score.add_argument("--steps", type=int, default=20)
+    score.add_argument("--seed", type=int, default=0)
+    score.add_argument("--output", "-o", help="write a CSV of scores here")
+    score.set_defaults(handler=cmd_score)
+
+    listing = commands.add_parser("rewards", help="list the registered rewards")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=cmd_rewards)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from diffalign.checkpoint import CheckpointError
+    from diffalign.images import ImageError
+    from diffalign.pipeline import PipelineError
+    from diffalign.rewards import RewardError
+    from diffalign.train import RunExistsError
+
+    expected = (config_module.ConfigError, prompt_sets.PromptSetError, RewardError, PipelineError, ImageError,
+                CheckpointError, RunExistsError, ValueError)
+    try:
+        return args.handler(args)
+    except expected as error:
+        print(f"diffalign {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

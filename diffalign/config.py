@@ -1,0 +1,298 @@
+"""Training configuration: documented dataclasses, YAML presets, dotted command-line overrides.
+
+A run's configuration is built in layers — the dataclass defaults, the preset of the chosen
+method, the user's YAML file, then ``--set section.key=value`` overrides — and validated once,
+here, with messages that name the field and suggest the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and how to fix it."""
+
+
+def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call sites
+    """A dataclass field with its documentation attached (shown by ``diffalign train --help``)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    if dataclasses.is_dataclass(default) and isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class LoraSection:
+    """How the UNet is made trainable."""
+
+    enabled: bool = doc(True, "train a LoRA adapter (peft) instead of the full UNet")
+    rank: int = doc(4, "LoRA rank; 4 is DDPO's choice for SD 1.x, enough for reward fine-tuning")
+    alpha: float = doc(4.0, "LoRA scale numerator (effective scale alpha/rank)")
+
+
+@dataclass
+class SampleSection:
+    """Online sampling: how the images that get rewarded are drawn."""
+
+    num_steps: int = doc(20, "DDIM steps per image (DDPO used 50 on SD; 20 keeps CPU runs short)")
+    eta: float = doc(1.0, "DDIM eta; must be > 0 for policy-gradient methods (the step must be stochastic)")
+    guidance_scale: float = doc(5.0, "classifier-free guidance scale")
+    negative_prompt: str = doc("", "unconditional prompt for classifier-free guidance")
+    batch_size: int = doc(8, "images per sampling batch on each process")
+    num_batches_per_epoch: int = doc(2, "sampling batches per epoch; samples/epoch = this x batch_size x processes")
+
+
+@dataclass
+class OptimSection:
+    """The gradient updates shared by every method."""
+
+    batch_size: int = doc(4, "samples per training micro-batch")
+    gradient_accumulation_steps: int = doc(
+        1, "micro-batches per optimizer step (DDPO also accumulates over the trained timesteps)"
+    )
+    learning_rate: float = doc(3e-4, "AdamW learning rate (3e-4 is DDPO's LoRA value)")
+    adam_beta1: float = doc(0.9, "AdamW beta1")
+    adam_beta2: float = doc(0.999, "AdamW beta2")
+    adam_weight_decay: float = doc(1e-4, "AdamW weight decay")
+    adam_epsilon: float = doc(1e-8, "AdamW epsilon")
+    max_grad_norm: float = doc(1.0, "gradient clipping norm")
+    inner_epochs: int = doc(1, "passes over each epoch's samples")
+    timestep_fraction: float = doc(1.0, "fraction of each trajectory's steps trained on (random subset)")
+
+
+@dataclass
+class DDPOSection:
+    """DDPO (Black et al. 2023): PPO-clip on per-step importance ratios."""
+
+    clip_range: float = doc(1e-4, "PPO clip range on the per-step ratio (small: log-probs are per-dimension means)")
+    adv_clip_max: float = doc(5.0, "advantages are clipped to [-this, this]")
+    per_prompt_stat_tracking: bool = doc(True, "normalise rewards per prompt with running statistics")
+    stat_buffer_size: int = doc(16, "rewards remembered per prompt for its statistics")
+    stat_min_count: int = doc(16, "below this many rewards for a prompt, use the whole batch's statistics")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one `diffalign train` run needs."""
+
+    method: str = doc("ddpo", "optimisation method")
+    model: str = doc("tiny-random", "pipeline: built-in name, local diffusers folder, or cached hub id")
+    reward: str = doc("jpeg-compressibility", "reward name (see `diffalign rewards`)")
+    reward_options: dict = doc({}, "keyword options for the reward, e.g. {checkpoint: /path}")
+    prompts: str = doc("simple-animals", "built-in prompt set name or a text file with one prompt per line")
+    epochs: int = doc(8, "number of epochs (one epoch = sample, reward, update)")
+    seed: int = doc(0, "seed for weights init, prompt draws, noise and shuffles")
+    output_dir: str = doc("runs/latest", "where metrics, sample grids, checkpoints and the final LoRA go")
+    mixed_precision: str = doc("no", "accelerate mixed precision: no | fp16 | bf16")
+    save_every: int = doc(1, "write a checkpoint every this many epochs (and at the end)")
+    keep_checkpoints: int = doc(2, "how many recent checkpoints to keep")
+    grid_every: int = doc(4, "save a sample grid every this many epochs (and before/after)")
+    grid_size: int = doc(8, "images in each sample grid (fixed prompts and noise)")
+    tensorboard: bool = doc(True, "also log to tensorboard when it is installed")
+    xformers: bool = doc(False, "use xformers attention when available (GPU)")
+    gradient_checkpointing: bool = doc(False, "trade compute for memory in the UNet")
+    lora: LoraSection = doc(LoraSection, "LoRA adapter")
+    sample: SampleSection = doc(SampleSection, "online sampling")
+    train: OptimSection = doc(OptimSection, "optimizer and updates")
+    ddpo: DDPOSection = doc(DDPOSection, "DDPO")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+METHODS = ("ddpo",)
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field's type; integers are accepted for float fields."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing), {})  # annotations are strings under __future__
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            if option is type(None) and value is None:
+                return None
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-4" as a string
+            value = float(value)
+        except ValueError:
+            pass
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key {prefix + key!r}.{_suggest(key, list(known))} "
+                f"Valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(known)}."
+            )
+    kwargs = {}
+    for name, spec in known.items():
+        if name not in values:
+            continue
+        value = values[name]
+        section = spec.default_factory if dataclasses.is_dataclass(spec.default_factory) else None
+        if section is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix + name!r} is a section; give a mapping, got {value!r}")
+            kwargs[name] = _build(section, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(value, spec.type, prefix + name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict:
+    """``"ddpo.clip_range=2e-4"`` → ``{"ddpo": {"clip_range": 0.0002}}`` (values parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. sample.num_steps=10")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"override {text!r}: NaN is not a valid value")
+    nested: dict = value
+    for part in reversed(key.strip().split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def preset(method: str) -> dict:
+    """The shipped preset for ``method`` (an empty mapping when it has none)."""
+    path = resources.files("diffalign").joinpath("presets", f"{method}.yaml")
+    if not path.is_file():
+        return {}
+    return yaml.safe_load(path.read_text("utf-8")) or {}
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from ``path``, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text("utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults ← method preset ← YAML file ← ``key=value`` overrides, then validated."""
+    user: dict = read_yaml(path) if path else {}
+    for text in overrides:
+        user = _merge(user, parse_override(text))
+    method = user.get("method", TrainConfig.method)
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}.{_suggest(str(method), list(METHODS))} Methods: {', '.join(METHODS)}.")
+    config = _build(TrainConfig, _merge(preset(method), user))
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Cross-field checks, run before any model is loaded."""
+    from diffalign import prompts, rewards
+
+    if config.mixed_precision not in MIXED_PRECISION:
+        raise ConfigError(
+            f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {config.mixed_precision!r}"
+        )
+    try:
+        rewards.info(config.reward)
+    except rewards.RewardError as error:
+        raise ConfigError(f"reward: {error}") from error
+    try:
+        prompts.load_prompts(config.prompts)
+    except prompts.PromptSetError as error:
+        raise ConfigError(f"prompts: {error}") from error
+    positive = {
+        "epochs": config.epochs,
+        "save_every": config.save_every,
+        "keep_checkpoints": config.keep_checkpoints,
+        "grid_every": config.grid_every,
+        "grid_size": config.grid_size,
+        "lora.rank": config.lora.rank,
+        "sample.num_steps": config.sample.num_steps,
+        "sample.batch_size": config.sample.batch_size,
+        "sample.num_batches_per_epoch": config.sample.num_batches_per_epoch,
+        "train.batch_size": config.train.batch_size,
+        "train.gradient_accumulation_steps": config.train.gradient_accumulation_steps,
+        "train.inner_epochs": config.train.inner_epochs,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if config.train.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate must be positive, got {config.train.learning_rate}")
+    if not 0 < config.train.timestep_fraction <= 1:
+        raise ConfigError(f"train.timestep_fraction must be in (0, 1], got {config.train.timestep_fraction}")
+    if config.method in ("ddpo",) and config.sample.eta <= 0:
+        raise ConfigError(
+            f"sample.eta must be > 0 for {config.method}: with eta=0 DDIM is deterministic and has no log-prob"
+        )
+    per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
+    if per_epoch % config.train.batch_size:
+        raise ConfigError(
+            f"samples per epoch on each process (sample.batch_size x sample.num_batches_per_epoch = {per_epoch}) "
+            f"must be divisible by train.batch_size ({config.train.batch_size})"
+        )
+    micro_batches = per_epoch // config.train.batch_size
+    if micro_batches % config.train.gradient_accumulation_steps:
+        raise ConfigError(
+            f"the {micro_batches} micro-batches per epoch must be divisible by "
+            f"train.gradient_accumulation_steps ({config.train.gradient_accumulation_steps}), so that no "
+            "half-accumulated gradient crosses an epoch (or a checkpoint)"
+        )
+    if config.ddpo.clip_range <= 0 or config.ddpo.adv_clip_max <= 0:
+        raise ConfigError("ddpo.clip_range and ddpo.adv_clip_max must be positive")
+
+
+def describe(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted key, default, help)`` for every field: the reference shown by ``--help``."""
+    rows = []
+    instance = cls()
+    for spec in dataclasses.fields(cls):
+        value = getattr(instance, spec.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe(type(value), prefix + spec.name + "."))
+        else:
+            rows.append((prefix + spec.name, repr(value), spec.metadata.get("help", "")))
+    return rows

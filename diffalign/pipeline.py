@@ -1,0 +1,218 @@
+"""Loading Stable Diffusion pipelines and attaching, saving and loading LoRA adapters.
+
+Every model in diffalign is a plain diffusers ``StableDiffusionPipeline`` with a
+``DDIMScheduler`` (DDPO/DPOK need the DDIM step's Gaussian transition density), so anything
+trained here loads in any diffusers program, and anything diffusers loads trains here.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from diffalign.tokenizer import clip_tokenizer
+
+BUILTIN_SPECS = ("tiny-random",)
+# The attention projections of the UNet: the LoRA targets used by DDPO, AlignProp and diffusers' scripts.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class PipelineError(ValueError):
+    """A pipeline could not be loaded or is unsuitable for diffalign."""
+
+
+def load(spec: str, *, torch_dtype: torch.dtype = torch.float32, seed: int = 0) -> StableDiffusionPipeline:
+    """Return a ``StableDiffusionPipeline`` with a ``DDIMScheduler``.
+
+    ``spec`` is a built-in name (``tiny-random``: random weights from small configs, for tests
+    and smoke runs; ``seed`` picks the weights), a local pipeline folder, or a Hugging Face hub
+    id already in the local cache (set ``HF_HUB_OFFLINE=1`` to forbid network look-ups).
+    """
+    if spec == "tiny-random":
+        pipe = tiny_random_pipeline(seed=seed)
+    else:
+        pipe = _from_pretrained(spec, torch_dtype)
+    pipe.scheduler = _ddim_scheduler_for(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
+
+
+def _from_pretrained(spec: str, torch_dtype: torch.dtype) -> StableDiffusionPipeline:
+    folder = Path(spec).expanduser()
+    if _looks_like_path(spec) and not folder.exists():
+        raise PipelineError(
+            f"model folder {spec!r} does not exist. Pass a diffusers pipeline folder (with model_index.json), "
+            f"a hub id already in the Hugging Face cache, or a built-in name: {', '.join(BUILTIN_SPECS)}."
+        )
+    if folder.is_dir() and not (folder / "model_index.json").exists():
+        raise PipelineError(
+            f"{spec!r} is a folder but not a diffusers pipeline: it has no model_index.json. "
+            "Save one with `pipe.save_pretrained(folder)` or point at the folder that contains model_index.json."
+        )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            spec, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as error:
+        raise PipelineError(
+            f"could not load Stable Diffusion pipeline {spec!r}: {error}\n"
+            "diffalign never downloads weights at run time. On a machine with internet run\n"
+            f"    huggingface-cli download {spec} --local-dir <folder>\n"
+            "then pass that folder (or copy the Hugging Face cache and set HF_HUB_OFFLINE=1)."
+        ) from error
+    return pipe
+
+
+def _ddim_scheduler_for(pipe: StableDiffusionPipeline) -> DDIMScheduler:
+    """Turn the pipeline's scheduler into DDIM with the same noise schedule, or refuse."""
+    scheduler = pipe.scheduler
+    if isinstance(scheduler, DDIMScheduler):
+        return scheduler
+    compatible = {cls.__name__ for cls in getattr(scheduler, "compatibles", [])}
+    if "DDIMScheduler" not in compatible:
+        raise PipelineError(
+            f"the pipeline's scheduler {type(scheduler).__name__} has no DDIM-compatible noise schedule; "
+            "diffalign's samplers need DDIM's Gaussian steps. Use a pipeline trained with a DDPM-style "
+            "(beta) schedule, e.g. Stable Diffusion 1.x/2.x."
+        )
+    return DDIMScheduler.from_config(scheduler.config)
+
+
+def tiny_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A few-MB Stable Diffusion pipeline with random weights: 32×32 images, 4×16×16 latents.
+
+    Same classes as SD 1.x, scaled down so that tests and smoke runs take seconds on a CPU.
+    The tokenizer is the real CLIP tokenizer; the scheduler uses SD 1.x's noise schedule.
+    """
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        # Attention only at the 8×8 level: at 16×16 it costs 5× more on a CPU and adds nothing here.
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=32,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def add_lora(
+    pipe: StableDiffusionPipeline,
+    rank: int = 4,
+    alpha: float | None = None,
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+) -> None:
+    """Attach a trainable LoRA adapter (peft) to the UNet and freeze everything else.
+
+    peft's default init sets the up-projection to zero, so right after this call the
+    pipeline computes exactly what the base model does (DDPO's first ratio is 1, DPOK's KL is 0).
+    """
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.unet.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), init_lora_weights=True)
+    pipe.unet.add_adapter(config)
+
+
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The adapter weights of ``unet`` in diffusers' LoRA key format."""
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet: UNet2DConditionModel, folder: str | Path) -> None:
+    """Write the UNet's adapter so that ``pipe.load_lora_weights(folder)`` works in any diffusers program."""
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=str(folder), unet_lora_layers=lora_state_dict(unet), safe_serialization=True
+    )
+
+
+def load_lora_into_adapter(unet: UNet2DConditionModel, folder: str | Path) -> None:
+    """Overwrite the UNet's existing trainable adapter with the weights saved in ``folder`` (resume)."""
+    state, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
+    unet_state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise PipelineError(f"LoRA in {folder} does not fit this UNet: unexpected keys {unexpected[:5]}")
+
+
+def enable_memory_savers(
+    pipe: StableDiffusionPipeline,
+    *,
+    xformers: bool = False,
+    attention_slicing: bool = False,
+    gradient_checkpointing: bool = False,
+) -> None:
+    """Optional speed/memory switches; each one is a no-op (with a warning) where unsupported."""
+    if xformers:
+        try:
+            pipe.enable_xformers_memory_efficient_attention()
+        except (ImportError, ModuleNotFoundError, ValueError, NotImplementedError) as error:
+            warnings.warn(f"xformers requested but unavailable here ({error}); using default attention.")
+    if attention_slicing:
+        pipe.enable_attention_slicing()
+    if gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()

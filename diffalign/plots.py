@@ -1,0 +1,83 @@
+"""Pictures a person looks at after a run: sample grids and learning curves."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; training machines have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """``image  # [3, H, W] in [0, 1]`` → an 8-bit RGB PIL image."""
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def save_grid(
+    images: torch.Tensor,
+    captions: Sequence[str],
+    path: str | Path,
+    *,
+    scores: Sequence[float] | None = None,
+    title: str = "",
+    columns: int = 4,
+) -> Path:
+    """A captioned grid of ``images  # [N, 3, H, W]`` (with scores when given) saved as PNG."""
+    count = len(images)
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
+    for index, axis in enumerate(axes.flat):
+        axis.axis("off")
+        if index >= count:
+            continue
+        axis.imshow(to_pil(images[index]), interpolation="nearest")
+        label = "\n".join(textwrap.wrap(captions[index], 24)[:2])
+        if scores is not None:
+            label += f"\n{scores[index]:.3g}"
+        axis.set_title(label, fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def save_curves(
+    history: Sequence[dict], keys: Sequence[str], path: str | Path, *, x: str = "samples_seen", title: str = ""
+) -> Path:
+    """Plot ``keys`` of per-epoch metric records against ``x`` (mean ± std where ``key_std`` exists)."""
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    xs = [record[x] for record in history]
+    for key in keys:
+        ys = [record[key] for record in history if key in record]
+        if not ys:
+            continue
+        axis.plot(xs[: len(ys)], ys, marker="o", markersize=3, label=key)
+        spread_key = key.replace("_mean", "_std")
+        if spread_key != key and all(spread_key in record for record in history):
+            spread = torch.tensor([record[spread_key] for record in history])
+            middle = torch.tensor(ys)
+            axis.fill_between(xs, (middle - spread).tolist(), (middle + spread).tolist(), alpha=0.15)
+    axis.set_xlabel(x.replace("_", " "))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    if title:
+        axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -1,0 +1,269 @@
+"""DDIM sampling that records what policy-gradient methods need: every latent and log-prob.
+
+DDPO (Black et al. 2023) and DPOK (Fan et al. 2023) treat each DDIM step with η > 0 as a
+Gaussian policy p(x_{t-1} | x_t, c). ``ddim_step_with_logprob`` is the scheduler's own step
+plus the log-density of the step it took; ``sample`` runs a whole batch and returns a
+``Trajectory``, the one data type handed from sampling to every online optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class Trajectory:
+    """A batch of sampled denoising chains, everything needed to re-score or reward them.
+
+    ``guidance_scales`` is per sample and per step so that exploration schedules (DiffExp)
+    are replayed exactly when the optimizer recomputes log-probs.
+    """
+
+    prompts: list[str]
+    latents: torch.Tensor  # [B, T+1, C, h, w]: x_T, ..., x_0
+    log_probs: torch.Tensor  # [B, T] fp32: log p(x_{t-1} | x_t, c) under the sampling weights
+    timesteps: torch.Tensor  # [T] the scheduler's timesteps, shared by the batch
+    prompt_embeds: torch.Tensor  # [B, L, D] conditional text embeddings
+    negative_prompt_embeds: torch.Tensor  # [B, L, D] unconditional embeddings for CFG
+    guidance_scales: torch.Tensor  # [B, T] classifier-free guidance scale used at each step
+    eta: float
+    images: torch.Tensor  # [B, 3, H, W] decoded x_0 in [0, 1]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    def select(self, index: torch.Tensor) -> "Trajectory":
+        """The sub-batch at positions ``index`` (a 1-D long tensor)."""
+        values = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name == "prompts":
+                value = [value[i] for i in index.tolist()]
+            elif isinstance(value, torch.Tensor) and field.name != "timesteps":
+                value = value[index.to(value.device)]
+            values[field.name] = value
+        return Trajectory(**values)
+
+    @staticmethod
+    def concat(parts: Sequence["Trajectory"]) -> "Trajectory":
+        """Join batches sampled with the same schedule into one."""
+        first = parts[0]
+        values = {}
+        for field in fields(first):
+            items = [getattr(part, field.name) for part in parts]
+            if field.name == "prompts":
+                values[field.name] = [prompt for item in items for prompt in item]
+            elif field.name in ("timesteps", "eta"):
+                values[field.name] = items[0]
+            else:
+                values[field.name] = torch.cat(items)
+        return Trajectory(**values)
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    noise_pred: torch.Tensor,
+    timestep: int | torch.Tensor,
+    latents: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t → x_{t-1} and the log-density of the step, as ``DDIMScheduler.step`` does it.
+
+    Follows the scheduler's config (prediction type, clipping or thresholding of x̂_0, the
+    final alpha). ``timestep`` is a scalar or one timestep per sample (``[B]``). When
+    ``prev_sample`` is given the step is not sampled but re-scored: that is how optimizers
+    recompute the probability of a stored transition under new weights.
+
+    The log-prob is the Gaussian log-density averaged over latent dimensions (the
+    convention of DDPO's reference code, which is why PPO clip ranges around 1e-4 work),
+    computed in fp32. A deterministic step (η = 0) has no density; its log-prob is 0 by
+    convention and RL methods refuse η = 0 when validating their config.
+
+    Returns ``(prev_sample  # like latents, log_prob  # [B] fp32)``.
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(...) before ddim_step_with_logprob")
+    batch = latents.shape[0]
+    device = latents.device
+    timestep = torch.as_tensor(timestep, device=device).long().reshape(-1).expand(batch)
+    prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=alphas_cumprod.dtype)
+    alpha_prod_t = alphas_cumprod[timestep]
+    alpha_prod_t_prev = torch.where(prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final_alpha)
+    broadcast = (batch,) + (1,) * (latents.ndim - 1)
+    alpha_prod_t = alpha_prod_t.reshape(broadcast)
+    alpha_prod_t_prev = alpha_prod_t_prev.reshape(broadcast)
+    beta_prod_t = 1 - alpha_prod_t
+
+    # fp32 throughout: log-probs of nearby policies differ in the 4th decimal.
+    sample = latents.float()
+    model_output = noise_pred.float()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+        pred_epsilon = model_output
+    elif prediction_type == "sample":
+        pred_original_sample = model_output
+        pred_epsilon = (sample - alpha_prod_t ** (0.5) * pred_original_sample) / beta_prod_t ** (0.5)
+    elif prediction_type == "v_prediction":
+        pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+        pred_epsilon = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+    if scheduler.config.thresholding:
+        pred_original_sample = scheduler._threshold_sample(pred_original_sample)
+    elif scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        pred_original_sample = pred_original_sample.clamp(-limit, limit)
+
+    # The DDIM posterior variance σ_t² (Song et al. 2021, eq. 16), as in DDIMScheduler._get_variance.
+    variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    std_dev_t = eta * variance ** (0.5)
+    pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * pred_epsilon
+    prev_sample_mean = alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
+
+    if prev_sample is None:
+        if eta > 0:
+            noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=model_output.dtype)
+            prev_sample = prev_sample_mean + std_dev_t * noise
+        else:
+            prev_sample = prev_sample_mean
+        prev_sample = prev_sample.to(latents.dtype)
+
+    stochastic = std_dev_t > 0
+    safe_std = torch.where(stochastic, std_dev_t, torch.ones_like(std_dev_t))
+    log_density = (
+        -((prev_sample.detach().float() - prev_sample_mean) ** 2) / (2 * safe_std**2)
+        - torch.log(safe_std)
+        - _LOG_SQRT_2PI
+    )
+    log_prob = log_density.mean(dim=tuple(range(1, latents.ndim)))
+    log_prob = torch.where(stochastic.reshape(batch), log_prob, torch.zeros_like(log_prob))
+    return prev_sample, log_prob
+
+
+def encode_prompts(
+    pipe: StableDiffusionPipeline, prompts: Sequence[str], negative_prompt: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text embeddings ``(cond, uncond)  # [B, L, D] each`` with the pipeline's own encoder."""
+    cond, uncond = pipe.encode_prompt(
+        list(prompts),
+        device=pipe.unet.device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt=[negative_prompt] * len(prompts),
+    )
+    return cond, uncond
+
+
+def guided_noise(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    guidance_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Classifier-free-guided noise prediction with one UNet call on the doubled batch.
+
+    ``latents  # [B, C, h, w]``, ``timestep`` scalar or ``[B]``, ``guidance_scale  # [B]``.
+    """
+    batch = latents.shape[0]
+    timestep = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(batch)
+    noise = unet(
+        torch.cat([latents, latents]),
+        torch.cat([timestep, timestep]),
+        encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
+        return_dict=False,
+    )[0]
+    uncond, cond = noise.chunk(2)
+    scale = guidance_scale.to(noise.dtype).reshape(batch, *([1] * (latents.ndim - 1)))
+    return uncond + scale * (cond - uncond)
+
+
+def decode_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode ``latents  # [B, C, h, w]`` to images ``[B, 3, H, W]`` in [0, 1]."""
+    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def initial_latents(
+    pipe: StableDiffusionPipeline, batch_size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Gaussian x_T of the pipeline's latent shape, drawn like ``pipe(...)`` draws it."""
+    size = pipe.unet.config.sample_size
+    shape = (batch_size, pipe.unet.config.in_channels, size, size)
+    latents = randn_tensor(shape, generator=generator, device=pipe.unet.device, dtype=pipe.unet.dtype)
+    return latents * pipe.scheduler.init_noise_sigma
+
+
+@torch.no_grad()
+def sample(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    *,
+    num_steps: int = 20,
+    guidance_scale: float | torch.Tensor = 5.0,
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    latents: torch.Tensor | None = None,
+    negative_prompt: str = "",
+    prompt_embeds: torch.Tensor | None = None,
+) -> Trajectory:
+    """Sample one batch with DDIM-η and record the whole chain.
+
+    ``guidance_scale`` is a number, or a ``[B, T]`` tensor of per-sample per-step scales
+    (exploration schedules). ``prompt_embeds`` replaces the encoder's conditional embeddings
+    (weighted prompts). With ``eta=0`` and the same ``latents`` this reproduces ``pipe(...)``.
+    """
+    batch = len(prompts)
+    device = pipe.unet.device
+    cond, uncond = encode_prompts(pipe, prompts, negative_prompt)
+    if prompt_embeds is not None:
+        cond = prompt_embeds.to(device=device, dtype=cond.dtype)
+    pipe.scheduler.set_timesteps(num_steps, device=device)
+    timesteps = pipe.scheduler.timesteps
+    scales = torch.as_tensor(guidance_scale, dtype=torch.float32, device=device)
+    scales = scales.expand(batch, len(timesteps)) if scales.ndim == 0 else scales.to(device)
+    if scales.shape != (batch, len(timesteps)):
+        raise ValueError(f"guidance_scale must be a number or [{batch}, {len(timesteps)}], got {tuple(scales.shape)}")
+    if latents is None:
+        latents = initial_latents(pipe, batch, generator)
+    all_latents = [latents]
+    all_log_probs = []
+    for step, timestep in enumerate(timesteps):
+        model_input = pipe.scheduler.scale_model_input(latents, timestep)
+        noise_pred = guided_noise(pipe.unet, model_input, timestep, cond, uncond, scales[:, step])
+        latents, log_prob = ddim_step_with_logprob(
+            pipe.scheduler, noise_pred, timestep, latents, eta=eta, generator=generator
+        )
+        all_latents.append(latents)
+        all_log_probs.append(log_prob)
+    return Trajectory(
+        prompts=list(prompts),
+        latents=torch.stack(all_latents, dim=1),
+        log_probs=torch.stack(all_log_probs, dim=1),
+        timesteps=timesteps.clone(),
+        prompt_embeds=cond,
+        negative_prompt_embeds=uncond,
+        guidance_scales=scales.clone(),
+        eta=eta,
+        images=decode_latents(pipe, latents),
+    )

@@ -1,0 +1,201 @@
+"""The training loop shared by every method: devices, precision and processes through accelerate,
+metrics, sample grids, atomic checkpoints and exact resumption.
+
+Every epoch's randomness (prompt draws, initial noise, DDIM noise, shuffles) comes from a
+generator seeded by (seed, epoch, process), so a run resumed from the checkpoint of epoch k
+repeats exactly what the uninterrupted run did after epoch k.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from diffalign import checkpoint, pipeline, plots, rewards
+from diffalign import prompts as prompt_sets
+from diffalign.config import TrainConfig
+from diffalign.optim import METHOD_CLASSES
+from diffalign.optim.base import TrainContext
+from diffalign.sampling import initial_latents, sample
+
+
+class RunExistsError(RuntimeError):
+    """The output folder already holds a run; resuming or a new folder must be chosen explicitly."""
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run put its outputs, and its per-epoch metrics."""
+
+    output_dir: Path
+    history: list[dict]
+    lora_dir: Path | None
+
+
+def epoch_seed(seed: int, epoch: int, process: int) -> int:
+    """The seed of one epoch on one process: independent streams that resumption can recreate."""
+    return (seed * 1_000_003 + epoch * 1_009 + process * 7_919) % (2**63)
+
+
+def _tensorboard_available() -> bool:
+    return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
+
+
+class _SampleGrid:
+    """Fixed prompts and fixed initial noise, sampled deterministically (η = 0) at chosen epochs,
+    so that grids from different epochs show the same images changing."""
+
+    def __init__(self, config: TrainConfig, prompts: list[str], pipe, folder: Path):
+        generator = torch.Generator().manual_seed(config.seed + 12_345)
+        self.prompts = prompt_sets.draw(prompts, config.grid_size, generator)
+        self.latents = initial_latents(pipe, config.grid_size, generator)
+        self.config = config
+        self.folder = folder
+
+    def save(self, pipe, reward, epoch: int, accelerator: Accelerator) -> float:
+        with accelerator.autocast():
+            trajectory = sample(
+                pipe,
+                self.prompts,
+                num_steps=self.config.sample.num_steps,
+                guidance_scale=self.config.sample.guidance_scale,
+                eta=0.0,
+                latents=self.latents.to(pipe.unet.device),
+                negative_prompt=self.config.sample.negative_prompt,
+            )
+        scores = rewards.checked_call(reward, trajectory.images, self.prompts)
+        plots.save_grid(
+            trajectory.images,
+            self.prompts,
+            self.folder / f"epoch-{epoch:04d}.png",
+            scores=scores.tolist(),
+            title=f"epoch {epoch} — {self.config.reward} (mean {scores.mean().item():.3g})",
+        )
+        return scores.mean().item()
+
+
+def train(
+    config: TrainConfig, *, reward: rewards.Reward | None = None, resume: bool = False, progress: bool = True
+) -> TrainResult:
+    """Run ``config.method`` for ``config.epochs`` epochs (continuing the last checkpoint if ``resume``).
+
+    ``reward`` replaces the registry reward named in the config: the way to train on a reward
+    written in user code.
+    """
+    method_class = METHOD_CLASSES[config.method]
+    output = Path(config.output_dir)
+    checkpoints = output / "checkpoints"
+    previous = checkpoint.latest(checkpoints) if checkpoints.exists() else None
+    if previous is not None and not resume:
+        raise RunExistsError(
+            f"{output} already holds a run (checkpoint {previous.name}). Pass --resume to continue it, "
+            "or choose another output_dir; nothing was changed."
+        )
+    if resume and previous is None:
+        raise checkpoint.CheckpointError(f"--resume given but {checkpoints} has no checkpoint to resume from")
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=method_class.accumulation_steps(config),
+        log_with="tensorboard" if config.tensorboard and _tensorboard_available() else None,
+        project_dir=str(output),
+    )
+    set_seed(config.seed)  # LoRA's random down-projection init
+    pipe = pipeline.load(config.model, seed=config.seed)
+    pipe.to(accelerator.device)
+    pipeline.enable_memory_savers(
+        pipe, xformers=config.xformers, gradient_checkpointing=config.gradient_checkpointing
+    )
+    if config.lora.enabled:
+        pipeline.add_lora(pipe, rank=config.lora.rank, alpha=config.lora.alpha)
+    else:
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        pipe.unet.requires_grad_(True)
+    parameters = [p for p in pipe.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        parameters,
+        lr=config.train.learning_rate,
+        betas=(config.train.adam_beta1, config.train.adam_beta2),
+        weight_decay=config.train.adam_weight_decay,
+        eps=config.train.adam_epsilon,
+    )
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    reward = reward if reward is not None else rewards.build(config.reward, **config.reward_options)
+    if isinstance(reward, torch.nn.Module):
+        reward.to(accelerator.device)
+    prompt_list = prompt_sets.load_prompts(config.prompts)
+    context = TrainContext(pipe, unet, optimizer, accelerator, reward, prompt_list, parameters)
+    method = method_class(context, config)
+
+    history: list[dict] = []
+    start_epoch = 0
+    if previous is not None:
+        state = checkpoint.load(previous, unet=pipe.unet, lora=config.lora.enabled, optimizer=optimizer)
+        start_epoch, history = state["epoch"], state["history"]
+        method.load_state_dict(state["method"])
+
+    main = accelerator.is_main_process
+    metrics_path = output / "metrics.jsonl"
+    grid = _SampleGrid(config, prompt_list, pipe, output / "samples")
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "utf-8")
+        # Metrics logged after the last checkpoint belong to epochs that will be redone.
+        metrics_path.write_text("".join(json.dumps(record) + "\n" for record in history), "utf-8")
+    if accelerator.log_with:
+        accelerator.init_trackers("diffalign")
+    if start_epoch == 0 and main:
+        grid.save(pipe, reward, 0, accelerator)
+
+    bar = tqdm(range(start_epoch, config.epochs), desc=f"{config.method} epochs", disable=not (progress and main))
+    for epoch in bar:
+        generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch, accelerator.process_index))
+        started = time.perf_counter()
+        metrics = method.run_epoch(epoch, generator)
+        done = epoch + 1
+        seen = (history[-1]["samples_seen"] if history else 0) + metrics["samples"]
+        record = {"epoch": done, **metrics, "samples_seen": seen, "seconds": time.perf_counter() - started}
+        if main and (done % config.grid_every == 0 or done == config.epochs):
+            record["grid_reward_mean"] = grid.save(pipe, reward, done, accelerator)
+        history.append(record)
+        bar.set_postfix(reward=f"{record['reward_mean']:.4g}", kl=f"{record['approx_kl']:.2g}")
+        if main:
+            with metrics_path.open("a", encoding="utf-8") as stream:
+                stream.write(json.dumps(record) + "\n")
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
+        if done % config.save_every == 0 or done == config.epochs:
+            accelerator.wait_for_everyone()
+            if main:
+                checkpoint.save(
+                    checkpoints,
+                    epoch=done,
+                    unet=pipe.unet,
+                    lora=config.lora.enabled,
+                    optimizer=optimizer,
+                    trainer_state={"history": history, "method": method.state_dict()},
+                    keep=config.keep_checkpoints,
+                )
+    accelerator.wait_for_everyone()
+    lora_dir = None
+    if main:
+        if config.lora.enabled:
+            lora_dir = output / "lora"
+            pipeline.save_lora(pipe.unet, lora_dir)
+        else:
+            pipe.unet.save_pretrained(output / "unet")
+        plots.save_curves(
+            history, ["reward_mean", "grid_reward_mean"], output / "reward_curve.png",
+            title=f"{config.method} on {config.model} — {config.reward}",
+        )
+    accelerator.end_training()
+    return TrainResult(output, history, lora_dir)

@@ -1,0 +1,63 @@
+import pytest
+
+from diffalign.config import ConfigError, describe, load_config, parse_override
+
+
+def test_layers_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 3\nsample:\n  num_steps: 7\n  guidance_scale: 4\n")
+    config = load_config(path, ["ddpo.clip_range=2e-4", "sample.num_steps=9"])
+    assert config.epochs == 3
+    assert config.sample.num_steps == 9  # the command line wins over the file
+    assert config.sample.guidance_scale == 4.0 and isinstance(config.sample.guidance_scale, float)
+    assert config.ddpo.clip_range == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ddpo.clip_rnage=1", "did you mean 'clip_range'"),
+        ("smaple.num_steps=3", "did you mean 'sample'"),
+        ("sample.num_steps=abc", "sample.num_steps must be int"),
+        ("method=ddop", "did you mean 'ddpo'"),
+        ("reward=jpeg-compressibilty", "did you mean 'jpeg-compressibility'"),
+        ("prompts=simple-animal", "did you mean 'simple-animals'"),
+        ("sample.batch_size=3", "divisible by train.batch_size"),
+        ("sample.eta=0", "eta must be > 0"),
+        ("train.learning_rate=.nan", "nan"),
+        ("train.timestep_fraction=1.5", "timestep_fraction"),
+        ("sample=3", "is a section"),
+        ("mixed_precision=fp8", "mixed_precision must be one of"),
+    ],
+)
+def test_bad_values_are_rejected_with_a_useful_message(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message.lower() in str(error.value).lower()
+
+
+def test_accumulation_must_divide_the_epoch():
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        load_config(None, ["sample.batch_size=4", "sample.num_batches_per_epoch=1", "train.batch_size=2",
+                           "train.gradient_accumulation_steps=3"])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_override_syntax():
+    assert parse_override("a.b=1") == {"a": {"b": 1}}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("epochs")
+
+
+def test_every_field_is_documented():
+    rows = describe()
+    assert {key for key, _, _ in rows} >= {"method", "sample.eta", "ddpo.clip_range", "train.learning_rate"}
+    assert all(text for _, _, text in rows)

@@ -1,0 +1,75 @@
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+from diffalign import pipeline
+
+
+def test_tiny_random_is_a_real_sd_pipeline_with_ddim(tiny_pipe):
+    assert isinstance(tiny_pipe, StableDiffusionPipeline)
+    assert type(tiny_pipe.scheduler).__name__ == "DDIMScheduler"
+    size = sum(p.numel() for p in tiny_pipe.components["unet"].parameters())
+    assert size < 2_000_000
+
+
+def test_tiny_random_is_seeded(tiny_pipe_factory):
+    first, second, other = tiny_pipe_factory(0), tiny_pipe_factory(0), tiny_pipe_factory(1)
+    weight = lambda pipe: next(pipe.unet.parameters())  # noqa: E731
+    assert torch.equal(weight(first), weight(second))
+    assert not torch.equal(weight(first), weight(other))
+
+
+def test_local_folder_round_trip_and_scheduler_conversion(tiny_pipe, tmp_path):
+    tiny_pipe.scheduler = EulerDiscreteScheduler.from_config(tiny_pipe.scheduler.config)
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    loaded = pipeline.load(str(tmp_path / "pipe"))
+    assert type(loaded.scheduler).__name__ == "DDIMScheduler"
+    assert torch.equal(next(loaded.unet.parameters()), next(tiny_pipe.unet.parameters()))
+
+
+def test_bad_specs_are_clear_errors(tmp_path):
+    with pytest.raises(pipeline.PipelineError, match="does not exist"):
+        pipeline.load(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pipeline.PipelineError, match="model_index.json"):
+        pipeline.load(str(tmp_path / "empty"))
+
+
+def test_scheduler_without_ddim_schedule_is_refused(tiny_pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    tiny_pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    with pytest.raises(pipeline.PipelineError, match="DDIM"):
+        pipeline._ddim_scheduler_for(tiny_pipe)
+
+
+def test_lora_starts_as_identity_and_loads_in_plain_diffusers(tiny_pipe_factory, tmp_path):
+    pipe = tiny_pipe_factory()
+    latents = torch.randn(1, 4, 16, 16)
+    embeds = torch.randn(1, 77, 32)
+    before = pipe.unet(latents, 500, encoder_hidden_states=embeds).sample
+    pipeline.add_lora(pipe, rank=4)
+    trainable = [p for p in pipe.unet.parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n, p in pipe.unet.named_parameters() if p.requires_grad)
+    torch.testing.assert_close(pipe.unet(latents, 500, encoder_hidden_states=embeds).sample, before)
+    with torch.no_grad():
+        for parameter in trainable:
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    tuned = pipe.unet(latents, 500, encoder_hidden_states=embeds).sample
+    pipeline.save_lora(pipe.unet, tmp_path / "lora")
+
+    plain = tiny_pipe_factory()
+    plain.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(plain.unet(latents, 500, encoder_hidden_states=embeds).sample, tuned)
+
+    resumed = tiny_pipe_factory()
+    pipeline.add_lora(resumed, rank=4)
+    pipeline.load_lora_into_adapter(resumed.unet, tmp_path / "lora")
+    torch.testing.assert_close(resumed.unet(latents, 500, encoder_hidden_states=embeds).sample, tuned)
+
+
+def test_memory_switches_are_safe_without_gpu(tiny_pipe):
+    with pytest.warns(UserWarning, match="xformers"):
+        pipeline.enable_memory_savers(tiny_pipe, xformers=True)
+    pipeline.enable_memory_savers(tiny_pipe, attention_slicing=True, gradient_checkpointing=True)
+    assert tiny_pipe.unet.is_gradient_checkpointing

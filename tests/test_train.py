@@ -1,0 +1,101 @@
+"""The training loop end to end on tiny-random: resumption, failure handling, outputs."""
+
+import json
+
+import pytest
+import torch
+
+from diffalign import checkpoint, rewards
+from diffalign.config import load_config
+from diffalign.train import RunExistsError, train
+
+TINY = [
+    "sample.num_steps=4",
+    "sample.batch_size=4",
+    "sample.num_batches_per_epoch=1",
+    "train.batch_size=2",
+    "train.learning_rate=1e-2",
+    "ddpo.clip_range=1e-2",
+    "grid_size=4",
+    "grid_every=2",
+    "tensorboard=false",
+]
+COMPARED = ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "ratio", "samples_seen")
+
+
+def _config(tmp_path, name, *extra):
+    return load_config(None, [*TINY, f"output_dir={tmp_path / name}", *extra])
+
+
+class FailingReward:
+    """JPEG compressibility that turns NaN on its ``fail_at``-th call: a reward model going bad mid-run."""
+
+    name = "flaky"
+    differentiable = False
+
+    def __init__(self, fail_at: int | None):
+        self.inner = rewards.build("jpeg-compressibility")
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def __call__(self, images, prompts):
+        self.calls += 1
+        scores = self.inner(images, prompts)
+        if self.calls == self.fail_at:
+            scores[1] = float("nan")
+        return scores
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
+    full = train(_config(tmp_path, "full", "epochs=3"), progress=False)
+
+    # Calls: 1 = grid at epoch 0, 2 = epoch 1, 3 = epoch 2, 4 = grid at epoch 2, 5 = epoch 3 -> NaN.
+    interrupted = _config(tmp_path, "cut", "epochs=3")
+    with pytest.raises(rewards.RewardError, match="non-finite"):
+        train(interrupted, reward=FailingReward(fail_at=5), progress=False)
+    saved = checkpoint.latest(tmp_path / "cut" / "checkpoints")
+    assert saved is not None and saved.name == "epoch-0002"  # the last good checkpoint is intact
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+
+    resumed = train(interrupted, resume=True, progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    for ours, reference in zip(resumed.history, full.history):
+        for key in COMPARED:
+            assert ours[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-9), key
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(tmp_path):
+    config = _config(tmp_path, "run", "epochs=1")
+    train(config, progress=False)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(config, progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint"):
+        train(_config(tmp_path, "fresh", "epochs=1"), resume=True, progress=False)
+
+
+def test_outputs_a_person_can_look_at(tmp_path):
+    result = train(_config(tmp_path, "run", "epochs=2"), progress=False)
+    out = result.output_dir
+    for name in ("samples/epoch-0000.png", "samples/epoch-0002.png", "reward_curve.png", "config.yaml",
+                 "lora/pytorch_lora_weights.safetensors"):
+        assert (out / name).is_file(), name
+    record = result.history[-1]
+    for key in ("reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "seconds", "grid_reward_mean"):
+        assert key in record
+
+
+def test_wrong_shape_reward_stops_before_any_update(tmp_path):
+    class Scalar:
+        name, differentiable = "scalar", False
+
+        def __call__(self, images, prompts):
+            return torch.tensor(1.0)
+
+    with pytest.raises(rewards.RewardError, match="expected a tensor of shape"):
+        train(_config(tmp_path, "run", "epochs=1"), reward=Scalar(), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
