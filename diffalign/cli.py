@@ -50,8 +50,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     config = config_module.load_config(args.config, overrides)
     result = train(config, resume=args.resume, progress=not args.no_progress)
-    last = result.history[-1] if result.history else {}
-    print(f"done: {len(result.history)} epochs, last reward_mean {last.get('reward_mean', float('nan')):.4g}")
+    if not result.main_process:
+        return 0
+    last = result.history[-1]
+    print(f"done: epoch {last.get('epoch', 0)}, last reward_mean {last.get('reward_mean', float('nan')):.4g}")
     print(f"outputs in {result.output_dir} (metrics.jsonl, samples/, reward_curve.png, checkpoints/, lora/)")
     return 0
 

@@ -59,17 +59,17 @@ def save_curves(
 ) -> Path:
     """Plot ``keys`` of per-epoch metric records against ``x`` (mean ± std where ``key_std`` exists)."""
     figure, axis = plt.subplots(figsize=(6, 3.6))
-    xs = [record[x] for record in history]
     for key in keys:
-        ys = [record[key] for record in history if key in record]
-        if not ys:
+        records = [record for record in history if key in record]
+        if not records:
             continue
-        axis.plot(xs[: len(ys)], ys, marker="o", markersize=3, label=key)
+        xs = [record[x] for record in records]
+        ys = torch.tensor([float(record[key]) for record in records])
+        axis.plot(xs, ys.tolist(), marker="o", markersize=3, label=key)
         spread_key = key.replace("_mean", "_std")
-        if spread_key != key and all(spread_key in record for record in history):
-            spread = torch.tensor([record[spread_key] for record in history])
-            middle = torch.tensor(ys)
-            axis.fill_between(xs, (middle - spread).tolist(), (middle + spread).tolist(), alpha=0.15)
+        if spread_key != key and all(spread_key in record for record in records):
+            spread = torch.tensor([float(record[spread_key]) for record in records])
+            axis.fill_between(xs, (ys - spread).tolist(), (ys + spread).tolist(), alpha=0.15)
     axis.set_xlabel(x.replace("_", " "))
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)

@@ -39,6 +39,7 @@ class TrainResult:
     output_dir: Path
     history: list[dict]
     lora_dir: Path | None
+    main_process: bool = True
 
 
 def epoch_seed(seed: int, epoch: int, process: int) -> int:
@@ -104,6 +105,8 @@ def train(
         raise checkpoint.CheckpointError(f"--resume given but {checkpoints} has no checkpoint to resume from")
 
     accelerator = Accelerator(
+        # Without a GPU, accelerate only sets up multi-process (gloo) training when told it is on CPU.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=method_class.accumulation_steps(config),
         log_with="tensorboard" if config.tensorboard and _tensorboard_available() else None,
@@ -154,8 +157,13 @@ def train(
         metrics_path.write_text("".join(json.dumps(record) + "\n" for record in history), "utf-8")
     if accelerator.log_with:
         accelerator.init_trackers("diffalign")
-    if start_epoch == 0 and main:
-        grid.save(pipe, reward, 0, accelerator)
+    if start_epoch == 0:
+        # Epoch 0 is the base model: the "before" of every before/after comparison.
+        history.append({"epoch": 0, "samples_seen": 0})
+        if main:
+            history[0]["grid_reward_mean"] = grid.save(pipe, reward, 0, accelerator)
+            with metrics_path.open("a", encoding="utf-8") as stream:
+                stream.write(json.dumps(history[0]) + "\n")
 
     bar = tqdm(range(start_epoch, config.epochs), desc=f"{config.method} epochs", disable=not (progress and main))
     for epoch in bar:
@@ -163,7 +171,7 @@ def train(
         started = time.perf_counter()
         metrics = method.run_epoch(epoch, generator)
         done = epoch + 1
-        seen = (history[-1]["samples_seen"] if history else 0) + metrics["samples"]
+        seen = history[-1]["samples_seen"] + metrics["samples"]
         record = {"epoch": done, **metrics, "samples_seen": seen, "seconds": time.perf_counter() - started}
         if main and (done % config.grid_every == 0 or done == config.epochs):
             record["grid_reward_mean"] = grid.save(pipe, reward, done, accelerator)
@@ -198,4 +206,4 @@ def train(
             title=f"{config.method} on {config.model} — {config.reward}",
         )
     accelerator.end_training()
-    return TrainResult(output, history, lora_dir)
+    return TrainResult(output, history, lora_dir, main)

@@ -56,15 +56,15 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
     saved = checkpoint.latest(tmp_path / "cut" / "checkpoints")
     assert saved is not None and saved.name == "epoch-0002"  # the last good checkpoint is intact
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
 
     resumed = train(interrupted, resume=True, progress=False)
-    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
-    for ours, reference in zip(resumed.history, full.history):
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
+    for ours, reference in zip(resumed.history[1:], full.history[1:]):
         for key in COMPARED:
             assert ours[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-9), key
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2, 3]
 
 
 def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(tmp_path):
@@ -99,3 +99,20 @@ def test_wrong_shape_reward_stops_before_any_update(tmp_path):
     with pytest.raises(rewards.RewardError, match="expected a tensor of shape"):
         train(_config(tmp_path, "run", "epochs=1"), reward=Scalar(), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_two_processes_gather_rewards_and_write_one_run(tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU: accelerate's gloo backend, one set of outputs."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "mp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign.cli",
+               "train", "--no-progress", *[arg for item in TINY for arg in ("--set", item)],
+               "--set", "epochs=1", "--output-dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("done: epoch 1") == 1
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert lines[1]["samples"] == 2 * 4  # both processes' samples were gathered

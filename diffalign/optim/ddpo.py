@@ -136,7 +136,8 @@ class DDPO:
             "reward_std": all_rewards.std(unbiased=False).item(),
             "samples": int(all_rewards.numel()),
         }
-        metrics.update({name: torch.stack(values).mean().item() for name, values in stats.items()})
+        for name, values in stats.items():
+            metrics[name] = context.accelerator.reduce(torch.stack(values).mean(), reduction="mean").item()
         return metrics
 
     def _inner_epoch(

@@ -1,0 +1,67 @@
+"""The `diffalign` command as a user meets it."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffalign import images
+from diffalign.cli import main
+
+
+def test_train_help_lists_methods_rewards_prompt_sets_and_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for expected in ("ddpo", "jpeg-compressibility", "pickscore", "simple-animals", "ddpo.clip_range", "--resume"):
+        assert expected in text
+
+
+def test_rewards_listing(capsys):
+    assert main(["rewards"]) == 0
+    text = capsys.readouterr().out
+    assert "aesthetic" in text and "differentiable" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--set", "reward=pickscor"], "did you mean 'pickscore'"),
+        (["train", "--set", "sample.stepz=3"], "unknown config key 'sample.stepz'"),
+        (["train", "--set", "model=/no/such/folder", "--set", "epochs=1", "--output-dir", "{tmp}/r"], "does not exist"),
+        (["score", "--reward", "jpeg", "--images", "{tmp}"], "unknown reward"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_code_2(argv, message, capsys, tmp_path):
+    argv = [part.replace("{tmp}", str(tmp_path)) for part in argv]
+    assert main(argv) == 2
+    assert message.lower() in capsys.readouterr().err.lower()
+
+
+def test_sample_then_score_a_folder(tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert main(["sample", "--prompt", "a cat", "-n", "3", "--steps", "3", "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["0000.png", "0001.png", "0002.png", "grid.png"]
+    (out / "grid.png").unlink()
+    csv_path = tmp_path / "scores.csv"
+    assert main(["score", "--reward", "jpeg-compressibility", "--images", str(out), "-o", str(csv_path)]) == 0
+    rows = csv_path.read_text().splitlines()
+    assert rows[0] == "image,prompt,jpeg-compressibility" and len(rows) == 4
+    # The CSV holds exactly what the reward gives for the saved PNG.
+    from diffalign import rewards
+
+    expected = rewards.build("jpeg-compressibility")(images.load_image(out / "0000.png")[None], [""]).item()
+    assert float(rows[1].split(",")[-1]) == pytest.approx(expected)
+
+
+def test_corrupt_image_is_named(tmp_path, capsys):
+    images.save_image(torch.rand(3, 8, 8), tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    assert main(["score", "--reward", "jpeg-compressibility", "--images", str(tmp_path)]) == 2
+    assert "bad.png" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "diffalign.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout
