@@ -55,7 +55,7 @@ NOISY_SPREAD = 0.15
 
 @dataclass
 class Settings:
-    """The benchmarked configuration; the defaults are diffalign's DDPO defaults on ``tiny-random``."""
+    """The benchmarked configuration: diffalign's DDPO defaults on ``tiny-random``, but one sampling batch per epoch."""
 
     model: str = "tiny-random"  # built-in random-weight pipeline: no download, seconds per epoch on a CPU
     batch_size: int = 8  # images per sampling batch (sample.batch_size)
@@ -63,12 +63,17 @@ class Settings:
     guidance_scale: float = 5.0  # classifier-free guidance: every UNet call sees a doubled batch
     eta: float = 1.0  # DDIM eta; DDPO needs > 0
     lora_rank: int = 4  # LoRA rank (DDPO's value)
-    num_batches: int = 1  # sampling batches per DDPO epoch (sample.num_batches_per_epoch)
+    # Sampling batches per DDPO epoch (sample.num_batches_per_epoch, 2 by default in training): one keeps the
+    # run under 3 minutes, and more batches only scale both sides of the ratio alike.
+    num_batches: int = 1
     train_batch_size: int = 4  # samples per training micro-batch (train.batch_size)
     reward: str = "jpeg-compressibility"  # model-free, so the reward share is small and honest
-    repeats: int = 5  # timed repetitions of each compared pair (the median is reported)
+    repeats: int = 7  # timed repetitions of each compared pair (the median is reported)
     warmup: int = 1  # untimed runs of each candidate first: lazy initialisation, allocator growth
     seed: int = 0
+    # torch intra-op threads; None keeps torch's default (one per core). On a shared machine 1 is
+    # far steadier: two OpenMP threads wait for each other whenever another process takes a core.
+    threads: int | None = None
 
     def overrides(self) -> list[str]:
         """The ``load_config`` overrides that make a ``TrainConfig`` of these settings."""
@@ -528,6 +533,7 @@ def run(
     batch_size: int | None = None,
     steps: int | None = None,
     repeats: int | None = None,
+    threads: int | None = None,
     output: str | Path | None = DEFAULT_OUTPUT,
     settings: Settings | None = None,
     log: Callable[[str], None] | None = None,
@@ -535,10 +541,11 @@ def run(
     """Run every benchmark and return the figures; also write them as JSON to ``output`` (None: don't).
 
     ``quick`` starts from tiny sizes and one repetition (a smoke test: the ratios then mean
-    little); ``batch_size``, ``steps`` and ``repeats`` override either starting point.
+    little); ``batch_size``, ``steps``, ``repeats`` and ``threads`` override either starting point.
     """
     base = settings or (QUICK if quick else Settings())
-    changes = {name: value for name, value in (("batch_size", batch_size), ("steps", steps), ("repeats", repeats))
+    changes = {name: value for name, value in (("batch_size", batch_size), ("steps", steps), ("repeats", repeats),
+                                                        ("threads", threads))
                if value is not None}
     settings = replace(base, **changes)
     if settings.batch_size * settings.num_batches % settings.train_batch_size:
@@ -547,6 +554,17 @@ def run(
                                                                settings.train_batch_size))
     log = log or (lambda message: None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads_before = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _run(settings, quick, output, log, device)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(settings: Settings, quick: bool, output: str | Path | None, log: Callable[[str], None],
+         device: torch.device) -> dict:
     started = time.perf_counter()
     load_before = _load_average()
     log(f"sampling: {settings.repeats} interleaved repetitions of sample() and pipe() ...")
@@ -574,16 +592,23 @@ def run(
     return result
 
 
+def _loads(values: list[float] | None) -> str:
+    return "n/a" if values is None else "/".join(f"{value:.2f}" for value in values)
+
+
 def format_table(result: dict) -> str:
     """The figures of ``run`` as a plain-text table: metric, ours, reference, ratio, target, result."""
     sampling, ddpo = result["sampling"], result["ddpo"]
 
-    def row(metric, ours, reference, ratio=None, target=None, passed=None, unit=""):
-        def number(value):
-            return "—" if value is None else f"{value:.3g}{unit}"
+    def number(value):
+        if value is None:
+            return "—"
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
+    def row(metric, ours, reference, ratio=None, target=None, passed=None):
         verdict = "—" if passed is None else ("PASS" if passed else "FAIL")
-        return (metric, number(ours), number(reference), "—" if ratio is None else f"{ratio:.3f}",
+        ratio_text = ratio if isinstance(ratio, str) else ("—" if ratio is None else f"{ratio:.3f}")
+        return (metric, number(ours), number(reference), ratio_text,
                 "—" if target is None else f"≤ {target:g}", verdict)
 
     rows = [
@@ -595,7 +620,7 @@ def format_table(result: dict) -> str:
             ddpo["ratio"], ddpo["target"], ddpo["passed"]),
         row("DDPO epoch s without reward", ddpo["ddpo_epoch"]["median_s"] - ddpo["reward_s"],
             ddpo["bare"]["median_s"], ddpo["ratio_without_reward"]),
-        row("  reward s/epoch (share)", ddpo["reward_s"], None, ddpo["reward_share"]),
+        row("  reward s/epoch (share of epoch)", ddpo["reward_s"], None, f"{ddpo['reward_share']:.2%}"),
         row("  bare: rollouts s / updates s", ddpo["bare_sampling_s"], ddpo["bare_training_s"]),
     ]
     for label, section, ours, reference in (("sampling", sampling, "ours", "stock"),
@@ -620,9 +645,9 @@ def format_table(result: dict) -> str:
         f"{settings['model']}, batch {settings['batch_size']}, {settings['steps']} DDIM steps, guidance "
         f"{settings['guidance_scale']:g}, eta {settings['eta']:g}, LoRA rank {settings['lora_rank']}, "
         f"{settings['reward']}; median of {settings['repeats']} interleaved repetitions",
-        f"torch {machine['torch']} on {machine['device']}, {machine['torch_threads']} threads, "
-        f"{machine['cpu_count']} CPUs, load average {machine['load_average_before']} → "
-        f"{machine['load_average_after']}; run took {result['wall_s']:.0f} s",
+        f"torch {machine['torch']} on {machine['device']}, torch threads: {machine['torch_threads']}, "
+        f"{machine['cpu_count']} CPUs, load average (1/5/15 min) {_loads(machine['load_average_before'])} → "
+        f"{_loads(machine['load_average_after'])}; run took {result['wall_s']:.0f} s",
         f"spread (max-min)/median: {spreads}",
     ]
     if result["noisy"]:
@@ -642,15 +667,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help=f"images per sampling batch (default {Settings.batch_size})")
     parser.add_argument("--steps", type=int, help=f"DDIM steps (default {Settings.steps})")
     parser.add_argument("--repeats", type=int, help=f"timed repetitions per pair (default {Settings.repeats})")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads (default: torch's own; 1 is steadier on a busy machine)")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON file to write (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke run")
     args = parser.parse_args(argv)
-    for name in ("batch_size", "steps", "repeats"):
+    for name in ("batch_size", "steps", "repeats", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     result = run(quick=args.quick, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
-                 output=args.output, log=lambda message: print(message, file=sys.stderr))
+                 threads=args.threads, output=args.output, log=lambda message: print(message, file=sys.stderr))
     print(format_table(result))
     return 0
 
