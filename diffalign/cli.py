@@ -145,6 +145,39 @@ def cmd_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shapes_train(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from diffalign.shapes.training import ShapesTrainingConfig, train_all
+
+    values = {f.name: getattr(args, f.name) for f in fields(ShapesTrainingConfig) if getattr(args, f.name) is not None}
+    report = train_all(ShapesTrainingConfig(**values), Path(args.output), fp16=not args.fp32)
+    seconds = ", ".join(f"{stage} {value / 60:.1f} min" for stage, value in report["seconds"].items())
+    print(f"trained ShapesWorld models into {args.output} ({seconds})")
+    return 0
+
+
+def _add_shapes_commands(commands) -> None:
+    from dataclasses import fields
+
+    from diffalign.shapes.training import ShapesTrainingConfig
+
+    shapes = commands.add_parser("shapes", help="ShapesWorld: the embedded default world and its models")
+    actions = shapes.add_subparsers(dest="shapes_command", required=True)
+    train = actions.add_parser(
+        "train",
+        help="train ShapesWorld's CLIP, VAE and UNet from scratch (reproduces the shipped weights)",
+        description="Renders train-split scenes, trains CLIP contrastively, the VAE, then the UNet on VAE "
+        "latents conditioned on the CLIP text tower, and saves <output>/pipeline and <output>/clip.",
+    )
+    train.add_argument("--output", "-o", required=True, help="folder for pipeline/, clip/ and training_report.json")
+    train.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as shipped)")
+    for spec in fields(ShapesTrainingConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        train.add_argument(flag, type=type(spec.default), help=f"default {spec.default}")
+    train.set_defaults(handler=cmd_shapes_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign", description="Align text-to-image diffusion models with rewards and human feedback."
@@ -195,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--output", "-o", help="write a CSV of scores here")
     score.set_defaults(handler=cmd_score)
+
+    _add_shapes_commands(commands)
 
     listing = commands.add_parser("rewards", help="list the registered rewards")
     listing.add_argument("--json", action="store_true")

@@ -24,7 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffalign.tokenizer import clip_tokenizer
 
-BUILTIN_SPECS = ("tiny-random",)
+BUILTIN_SPECS = ("tiny-random", "shapes")
 # The attention projections of the UNet: the LoRA targets used by DDPO, AlignProp and diffusers' scripts.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -36,12 +36,17 @@ class PipelineError(ValueError):
 def load(spec: str, *, torch_dtype: torch.dtype = torch.float32, seed: int = 0) -> StableDiffusionPipeline:
     """Return a ``StableDiffusionPipeline`` with a ``DDIMScheduler``.
 
-    ``spec`` is a built-in name (``tiny-random``: random weights from small configs, for tests
-    and smoke runs; ``seed`` picks the weights), a local pipeline folder, or a Hugging Face hub
-    id already in the local cache (set ``HF_HUB_OFFLINE=1`` to forbid network look-ups).
+    ``spec`` is a built-in name (``shapes``: the shipped ShapesWorld model, trained by the
+    project; ``tiny-random``: random weights from small configs, for tests and smoke runs,
+    ``seed`` picks the weights), a local pipeline folder, or a Hugging Face hub id already in
+    the local cache (set ``HF_HUB_OFFLINE=1`` to forbid network look-ups).
     """
     if spec == "tiny-random":
         pipe = tiny_random_pipeline(seed=seed)
+    elif spec == "shapes":
+        from diffalign.shapes import assets
+
+        pipe = assets.load_pipeline(torch_dtype=torch_dtype)
     else:
         pipe = _from_pretrained(spec, torch_dtype)
     pipe.scheduler = _ddim_scheduler_for(pipe)

@@ -20,9 +20,12 @@ class PromptSetError(ValueError):
 
 
 def builtin_names() -> list[str]:
-    """Names of the prompt sets shipped in the package."""
+    """Names of the prompt sets shipped in the package (text files, and ShapesWorld's grammar)."""
+    from diffalign.shapes.splits import PROMPT_SETS
+
     folder = resources.files("diffalign").joinpath(_PACKAGE_DIR)
-    return sorted(item.name.removesuffix(".txt") for item in folder.iterdir() if item.name.endswith(".txt"))
+    files = [item.name.removesuffix(".txt") for item in folder.iterdir() if item.name.endswith(".txt")]
+    return sorted(files + list(PROMPT_SETS))
 
 
 def load_prompts(spec: str) -> list[str]:
@@ -30,6 +33,10 @@ def load_prompts(spec: str) -> list[str]:
 
     Blank lines and lines starting with ``#`` are skipped.
     """
+    from diffalign.shapes.splits import PROMPT_SETS, prompt_set
+
+    if spec in PROMPT_SETS:
+        return prompt_set(spec)
     if spec in builtin_names():
         text = resources.files("diffalign").joinpath(_PACKAGE_DIR, f"{spec}.txt").read_text("utf-8")
     elif Path(spec).is_file():

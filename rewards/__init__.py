@@ -17,7 +17,7 @@ from diffalign.rewards.base import (
 from diffalign.rewards.checkpoints import TINY_RANDOM, MissingCheckpointError
 
 # Importing these modules registers their rewards.
-from diffalign.rewards import aesthetic, clip_score, compression, hpsv2, pickscore  # noqa: F401
+from diffalign.rewards import aesthetic, clip_score, compression, hpsv2, pickscore, shapes  # noqa: F401
 
 __all__ = [
     "TINY_RANDOM",

@@ -1,23 +1,25 @@
 """The exact ShapesWorld detector: objects from pixels, and how well an image fits a prompt.
 
 Detection, in four steps, each chosen to survive what a tiny diffusion model draws (soft
-edges, blur, colours a little off, slight background tint):
+edges, blur, colours a little off or washed out, pixel noise, a tinted background):
 
 1. Colour per pixel by **hue**. Mixing a colour with the neutral background (anti-aliasing,
    blur) keeps its hue and only lowers its chroma (max − min channel), so a pixel is
    "coloured" if its chroma passes a low threshold and takes the palette colour of nearest
    hue. Palette hues are ≥ 54° apart, so hues up to ±27° off still land right.
-2. **Connected regions** of same-colour pixels (4-neighbour), found with vectorised label
-   propagation; regions smaller than a third of the smallest object are noise.
-3. **Soft geometry**. A pixel's chroma relative to the region's typical chroma is how much
-   of it the object covers. From that coverage: the area (sum), the bounding box (sums of
-   the column and row maxima: sub-pixel, and unchanged by blurring a straight edge) and the
-   centroid. Shapes are classified by two features that barely move under blur:
-   fill = area / box area (square 1, circle π/4, triangle 1/2) and drop = how far the
-   centroid sits below the box centre, over the box height (triangle 1/6, others 0).
-4. Implausible regions (wider than 70% of the image, elongated, or far from every shape)
-   are reported with shape ``"unknown"``: they never satisfy a prompt and count as
-   unrequested objects, so painting the whole image red does not earn "a red square".
+2. **Regions**: connected (4-neighbour) pixels of one colour that are at least half
+   covered (chroma ≥ half the colour's typical chroma). Cutting at half coverage follows
+   the objects' outlines, which blur does not move, so blurred edges do not bridge nearby
+   objects; regions under a third of the smallest object are noise.
+3. **Coverage**: every pixel's colour projected on the region's colour, over the region's
+   typical value, in a window around the region (other objects masked out). It is linear
+   in the pixels, so noise averages out in what is computed from it, and it is measured
+   above the background's own tint.
+4. **Shape**: a template of each shape, blurred to match, is fitted to the coverage
+   (``fit.py``); the best fit gives the shape, the box centre and a confidence. A region
+   no template explains (an ellipse, two blobs merged, a streak) or wider than 70% of the
+   image is reported with shape ``"unknown"``: it never satisfies a prompt and counts as
+   an unrequested object, so painting the whole image red does not earn "a red square".
 
 Scoring: a prompt is a list of facts — each requested object instance is present (a
 detection of that colour and shape; "three blue squares" is three facts) and each relation
@@ -46,7 +48,7 @@ MIN_CHROMA = 0.15  # of 1; palette chroma is ≥ 0.65, background tint from a ge
 CORE_LEVEL = 0.5  # of a colour's typical chroma: pixels at least half covered by an object
 MIN_AREA = 0.01  # of the image; the smallest object (a 0.25 triangle) covers 0.031
 MAX_EXTENT = 0.7  # of the image side; objects are at most 0.45
-MAX_RESIDUAL = 0.3  # a region no template explains better than this is no shape we know
+MAX_RESIDUAL = 0.15  # misfit beyond which a region is no shape we know (an ellipse is 0.24)
 WINDOW_MARGIN = 0.08  # of the image side: room around a region for its blurred edges
 BLURS = (0.0, 0.5, 1.0, 1.5, 2.0)  # Gaussian widths tried, pixels of a 32 px image
 
@@ -55,10 +57,11 @@ _COLOUR_NAMES = list(COLOURS)
 
 @dataclass(frozen=True)
 class Detection:
-    """One object found in an image. ``x, y``: bounding-box centre in [0, 1] image
-    coordinates (y down); ``area``: fraction of the image covered; ``confidence`` in [0, 1]:
-    the smaller of the colour and shape margins (1 = exactly a palette hue and a prototype
-    shape, 0 = halfway to the next one)."""
+    """One object found in an image. ``shape``: one of ``SHAPES`` or ``"unknown"``; ``x, y``:
+    bounding-box centre in [0, 1] image coordinates (y down); ``area``: fraction of the
+    image covered; ``confidence`` in [0, 1]: the smaller of the colour margin (1 = exactly a
+    palette hue, 0 = halfway to the next) and the shape margin (1 = no other shape fits
+    nearly as well, 0 = a tie); 0 for unknown shapes."""
 
     shape: str
     colour: str
@@ -94,9 +97,8 @@ def detect(image: np.ndarray | torch.Tensor) -> list[Detection]:
     chromatic = rgb - rgb.mean(-1, keepdims=True)  # [H, W, 3]: each pixel's colour minus its grey
     if (classes == 0).any():  # a generator may tint the background; measure colour above it
         chromatic -= np.median(chromatic[classes == 0], axis=0)
-    scale = max(height, width) / 32  # blur and margins are given for 32 px and grow with the image
-    margin = math.ceil(WINDOW_MARGIN * 32 * scale)
-    blurs = tuple(b * scale for b in BLURS)
+    margin = math.ceil(WINDOW_MARGIN * max(height, width))
+    blurs = tuple(b * max(height, width) / 32 for b in BLURS)  # a generator's blur grows with its size
     kept = np.isin(labels[:-1], roots).reshape(height, width)
     far = ~_dilate(kept, margin)  # background away from every object: shows the pixel noise
     detections = []

@@ -5,11 +5,14 @@ blurred or noisy, and a tiny diffusion model's samples are both. Fitting a templ
 every pixel instead, so pixel noise averages out, and the template is blurred to match the
 image, so blur is explained rather than mistaken for a rounder shape.
 
-Each hypothesis (circle, square, triangle) becomes a template from quantities that blur
-and zero-mean noise leave unbiased: its centre from the coverage centroid (a symmetric blur
-does not move it), its extent from the total coverage (blur does not change it) over the
-brightness, which least squares fits; the blur width is whichever of a few candidates
-leaves the least error. The shape whose template leaves the least error wins.
+Each hypothesis (circle, square, triangle) is placed with quantities that blur and
+zero-mean noise leave unbiased: its centre is the coverage centroid (a symmetric blur does
+not move it), and the total coverage (which blur does not change) ties its extent to its
+brightness. Pixels fully inside an object read below 1 when it is blurred or noisy, so a
+few extents are tried, each at the brightness that keeps the total, each under a few blur
+widths; the least squared error is the hypothesis's fit, and the shape with the least
+error wins. The error left beyond what pixel noise explains says whether any shape
+explains the blob at all.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from diffalign.shapes.world import SHAPES
 # Per unit of extent s (the bounding-box side), for a triangle of base s and height s:
 _AREA = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}  # area / s²
 _DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6}  # centroid below box centre / s
+# Candidate extents, relative to the one the total coverage implies at full brightness:
+# noise and blur make the measured brightness of a pixel fully inside the object < 1.
+_EXTENT_STEPS = np.linspace(0.85, 1.3, 10)
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,8 @@ class Fit:
     y: float
     extent: float  # bounding-box side
     area: float  # total coverage
-    residual: float  # error the fit leaves beyond pixel noise, over the signal: 0 perfect, 1 none
-    margin: float  # (second-best − best residual) / their sum: 1 unambiguous, 0 a tie
+    residual: float  # error beyond what pixel noise explains, over the signal: 0 perfect, 1 none
+    margin: float  # (second-best − best error) / their sum: 1 unambiguous, 0 a tie
 
 
 def fit_shape(
@@ -54,16 +60,16 @@ def fit_shape(
         return None
     rows, cols = np.indices(coverage.shape) + 0.5  # pixel centres
     cx, cy = (weights * cols).sum() / area, (weights * rows).sum() / area
-    noise_energy = noise * valid.sum()
-    signal = max((weights**2).sum() - noise_energy, 1e-12)
-    fits = []
-    for shape in SHAPES:
-        error, box_y, extent = _fit_one(shape, weights, valid, area, cx, cy, blurs)
-        fits.append((max(error - noise_energy, 0.0) / signal, shape, box_y, extent))
-    fits.sort()
-    (best, shape, box_y, extent), (second, *_) = fits[:2]
+    # Pixel noise leaves an error of about noise × pixels (give or take 3 sd) that no
+    # template can remove; only the error beyond it is misfit.
+    pixels = valid.sum()
+    allowance = noise * pixels + 3 * noise * math.sqrt(2 * pixels)
+    signal = max((weights**2).sum() - noise * pixels, 1e-12)
+    fits = sorted((*_fit_one(shape, weights, valid, area, cx, cy, blurs), shape) for shape in SHAPES)
+    (best, box_y, extent, shape), (second, *_) = fits[:2]
     margin = (second - best) / (second + best) if second + best > 0 else 0.0
-    return Fit(shape, float(cx), float(box_y), float(extent), float(area), float(best), float(margin))
+    residual = max(best - allowance, 0.0) / signal
+    return Fit(shape, float(cx), float(box_y), float(extent), float(area), float(residual), float(margin))
 
 
 def _fit_one(
@@ -71,33 +77,30 @@ def _fit_one(
 ) -> tuple[float, float, float]:
     """Squared error, box centre y and extent of the best ``shape`` template."""
     h, w = weights.shape
+    extents = math.sqrt(area / _AREA[shape]) * _EXTENT_STEPS  # [E]
+    box_y = cy - _DROP[shape] * extents  # [E]
+    sharp = _coverage(shape, cx, box_y, extents, (h, w))  # [E, h, w]
     rows, cols = _blur_stack(h, tuple(blurs)), _blur_stack(w, tuple(blurs))  # [K, h, h], [K, w, w]
-    energy = (weights**2).sum()
-    brightness = 1.0
-    for _ in range(2):  # the extent depends on the brightness, the brightness on the template
-        extent = math.sqrt(area / (brightness * _AREA[shape]))
-        box_y = cy - _DROP[shape] * extent
-        sharp = _coverage(shape, cx, box_y, extent, (h, w))
-        templates = rows @ sharp @ cols.transpose(0, 2, 1) * valid  # [K, h, w], one per blur
-        overlap, norm = (templates * weights).sum((1, 2)), (templates**2).sum((1, 2))
-        fitted = np.maximum(overlap / np.maximum(norm, 1e-12), 1e-3)  # least-squares brightness
-        errors = energy - 2 * fitted * overlap + fitted**2 * norm
-        best = int(np.argmin(errors))
-        error, brightness = float(errors[best]), float(fitted[best])
-    return max(error, 0.0), box_y, extent
+    templates = rows @ sharp[:, None] @ cols.transpose(0, 2, 1) * valid  # [E, K, h, w]
+    overlap, norm = (templates * weights).sum((-2, -1)), (templates**2).sum((-2, -1))  # [E, K]
+    brightness = (area / (_AREA[shape] * extents**2))[:, None]  # [E, 1]: the total coverage fixes it
+    errors = (weights**2).sum() - 2 * brightness * overlap + brightness**2 * norm  # [E, K]
+    best, _ = np.unravel_index(np.argmin(errors), errors.shape)
+    return max(float(errors.min()), 0.0), float(box_y[best]), float(extents[best])
 
 
-def _coverage(shape: str, cx: float, cy: float, extent: float, size: tuple[int, int]) -> np.ndarray:
-    """Pixel coverage ``[h, w]`` of ``shape`` with box centre (cx, cy) and side ``extent``.
+def _coverage(shape: str, cx: float, cy: np.ndarray, extent: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pixel coverage ``[E, h, w]`` of ``shape`` with box centres (cx, cy[e]) and sides
+    ``extent[e]``, one per candidate.
 
     Coverage from the signed distance d of the pixel centre to the outline, clip(½ − d):
     exact for the axis-aligned edges, within a few hundredths for slanted ones and at
     corners, and many times cheaper than supersampling.
     """
     h, w = size
-    dy = (np.arange(h) + 0.5 - cy)[:, None]
-    dx = (np.arange(w) + 0.5 - cx)[None, :]
-    half = extent / 2
+    dy = np.arange(h)[None, :, None] + 0.5 - cy[:, None, None]  # [E, h, 1]
+    dx = np.arange(w)[None, None, :] + 0.5 - cx  # [1, 1, w]
+    half = extent[:, None, None] / 2
     if shape == "circle":
         distance = np.sqrt(dx**2 + dy**2) - half
     elif shape == "square":
