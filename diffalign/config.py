@@ -84,22 +84,33 @@ class DDPOSection:
 
 
 @dataclass
+class EvalSection:
+    """Fixed-noise evaluation: the same prompts and latents at every eval epoch (η = 0)."""
+
+    every: int = doc(2, "evaluate every this many epochs (and before the first and after the last)")
+    size: int = doc(32, "images per evaluated prompt set")
+    prompt_sets: list = doc(
+        ["shapes-train", "shapes-heldout"], "prompt sets to evaluate; [] evaluates the training prompts"
+    )
+    rewards: list = doc(["shapes-oracle"], "rewards scored besides the training reward (e.g. the exact oracle)")
+    grid_size: int = doc(8, "images of the first prompt set shown in each samples/epoch-NNNN.png")
+
+
+@dataclass
 class TrainConfig:
     """Everything one `diffalign train` run needs."""
 
     method: str = doc("ddpo", "optimisation method")
-    model: str = doc("tiny-random", "pipeline: built-in name, local diffusers folder, or cached hub id")
-    reward: str = doc("jpeg-compressibility", "reward name (see `diffalign rewards`)")
+    model: str = doc("shapes", "pipeline: built-in name (shapes, tiny-random), local diffusers folder, or cached hub id")
+    reward: str = doc("shapes-clip", "reward name (see `diffalign rewards`)")
     reward_options: dict = doc({}, "keyword options for the reward, e.g. {checkpoint: /path}")
-    prompts: str = doc("simple-animals", "built-in prompt set name or a text file with one prompt per line")
+    prompts: str = doc("shapes-train", "built-in prompt set name or a text file with one prompt per line")
     epochs: int = doc(8, "number of epochs (one epoch = sample, reward, update)")
     seed: int = doc(0, "seed for weights init, prompt draws, noise and shuffles")
     output_dir: str = doc("runs/latest", "where metrics, sample grids, checkpoints and the final LoRA go")
     mixed_precision: str = doc("no", "accelerate mixed precision: no | fp16 | bf16")
     save_every: int = doc(1, "write a checkpoint every this many epochs (and at the end)")
     keep_checkpoints: int = doc(2, "how many recent checkpoints to keep")
-    grid_every: int = doc(4, "save a sample grid every this many epochs (and before/after)")
-    grid_size: int = doc(8, "images in each sample grid (fixed prompts and noise)")
     tensorboard: bool = doc(True, "also log to tensorboard when it is installed")
     xformers: bool = doc(False, "use xformers attention when available (GPU)")
     gradient_checkpointing: bool = doc(False, "trade compute for memory in the UNet")
@@ -107,6 +118,7 @@ class TrainConfig:
     sample: SampleSection = doc(SampleSection, "online sampling")
     train: OptimSection = doc(OptimSection, "optimizer and updates")
     ddpo: DDPOSection = doc(DDPOSection, "DDPO")
+    eval: EvalSection = doc(EvalSection, "fixed-noise evaluation")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -239,16 +251,30 @@ def validate(config: TrainConfig) -> None:
         rewards.info(config.reward)
     except rewards.RewardError as error:
         raise ConfigError(f"reward: {error}") from error
-    try:
-        prompts.load_prompts(config.prompts)
-    except prompts.PromptSetError as error:
-        raise ConfigError(f"prompts: {error}") from error
+    for where, name in [("prompts", config.prompts)] + [("eval.prompt_sets", n) for n in config.eval.prompt_sets]:
+        try:
+            prompts.load_prompts(name)
+        except prompts.PromptSetError as error:
+            raise ConfigError(f"{where}: {error}") from error
+    for name in config.eval.rewards:
+        try:
+            rewards.info(name)
+        except rewards.RewardError as error:
+            raise ConfigError(f"eval.rewards: {error}") from error
+    shapes_sets = [name for name in config.eval.prompt_sets if name.startswith("shapes-")]
+    if shapes_sets and config.model not in ("shapes", "tiny-random"):
+        raise ConfigError(
+            f"eval.prompt_sets {shapes_sets} are ShapesWorld prompts but model is {config.model!r}: set "
+            "eval.prompt_sets=[] (evaluates the training prompts) or name prompt sets for your model, and "
+            "eval.rewards=[] unless you have an extra reward to watch"
+        )
     positive = {
         "epochs": config.epochs,
         "save_every": config.save_every,
         "keep_checkpoints": config.keep_checkpoints,
-        "grid_every": config.grid_every,
-        "grid_size": config.grid_size,
+        "eval.every": config.eval.every,
+        "eval.size": config.eval.size,
+        "eval.grid_size": config.eval.grid_size,
         "lora.rank": config.lora.rank,
         "sample.num_steps": config.sample.num_steps,
         "sample.batch_size": config.sample.batch_size,

@@ -25,7 +25,7 @@ from diffalign import prompts as prompt_sets
 from diffalign.config import TrainConfig
 from diffalign.optim import METHOD_CLASSES
 from diffalign.optim.base import TrainContext
-from diffalign.sampling import initial_latents, sample
+from diffalign.evaluation import Evaluator
 
 
 class RunExistsError(RuntimeError):
@@ -49,39 +49,6 @@ def epoch_seed(seed: int, epoch: int, process: int) -> int:
 
 def _tensorboard_available() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
-
-
-class _SampleGrid:
-    """Fixed prompts and fixed initial noise, sampled deterministically (η = 0) at chosen epochs,
-    so that grids from different epochs show the same images changing."""
-
-    def __init__(self, config: TrainConfig, prompts: list[str], pipe, folder: Path):
-        generator = torch.Generator().manual_seed(config.seed + 12_345)
-        self.prompts = prompt_sets.draw(prompts, config.grid_size, generator)
-        self.latents = initial_latents(pipe, config.grid_size, generator)
-        self.config = config
-        self.folder = folder
-
-    def save(self, pipe, reward, epoch: int, accelerator: Accelerator) -> float:
-        with accelerator.autocast():
-            trajectory = sample(
-                pipe,
-                self.prompts,
-                num_steps=self.config.sample.num_steps,
-                guidance_scale=self.config.sample.guidance_scale,
-                eta=0.0,
-                latents=self.latents.to(pipe.unet.device),
-                negative_prompt=self.config.sample.negative_prompt,
-            )
-        scores = rewards.checked_call(reward, trajectory.images, self.prompts)
-        plots.save_grid(
-            trajectory.images,
-            self.prompts,
-            self.folder / f"epoch-{epoch:04d}.png",
-            scores=scores.tolist(),
-            title=f"epoch {epoch} — {self.config.reward} (mean {scores.mean().item():.3g})",
-        )
-        return scores.mean().item()
 
 
 def train(
@@ -149,7 +116,19 @@ def train(
 
     main = accelerator.is_main_process
     metrics_path = output / "metrics.jsonl"
-    grid = _SampleGrid(config, prompt_list, pipe, output / "samples")
+    eval_rewards = [reward] + [rewards.build(name) for name in config.eval.rewards if name != reward.name]
+    evaluator = Evaluator(
+        pipe,
+        prompt_set_names=config.eval.prompt_sets or [config.prompts],
+        size=config.eval.size,
+        rewards=eval_rewards,
+        num_steps=config.sample.num_steps,
+        guidance_scale=config.sample.guidance_scale,
+        negative_prompt=config.sample.negative_prompt,
+        seed=config.seed,
+        grid_folder=output / "samples",
+        grid_size=config.eval.grid_size,
+    )
     if main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "utf-8")
@@ -161,7 +140,7 @@ def train(
         # Epoch 0 is the base model: the "before" of every before/after comparison.
         history.append({"epoch": 0, "samples_seen": 0})
         if main:
-            history[0]["grid_reward_mean"] = grid.save(pipe, reward, 0, accelerator)
+            history[0].update(evaluator.run(pipe, 0, accelerator))
             with metrics_path.open("a", encoding="utf-8") as stream:
                 stream.write(json.dumps(history[0]) + "\n")
 
@@ -173,8 +152,8 @@ def train(
         done = epoch + 1
         seen = history[-1]["samples_seen"] + metrics["samples"]
         record = {"epoch": done, **metrics, "samples_seen": seen, "seconds": time.perf_counter() - started}
-        if main and (done % config.grid_every == 0 or done == config.epochs):
-            record["grid_reward_mean"] = grid.save(pipe, reward, done, accelerator)
+        if main and (done % config.eval.every == 0 or done == config.epochs):
+            record.update(evaluator.run(pipe, done, accelerator))
         history.append(record)
         bar.set_postfix(reward=f"{record['reward_mean']:.4g}", kl=f"{record['approx_kl']:.2g}")
         if main:
@@ -201,8 +180,9 @@ def train(
             pipeline.save_lora(pipe.unet, lora_dir)
         else:
             pipe.unet.save_pretrained(output / "unet")
+        eval_keys = sorted({key for record in history for key in record if key.startswith("eval/")})
         plots.save_curves(
-            history, ["reward_mean", "grid_reward_mean"], output / "reward_curve.png",
+            history, ["reward_mean", *eval_keys], output / "reward_curve.png",
             title=f"{config.method} on {config.model} — {config.reward}",
         )
     accelerator.end_training()

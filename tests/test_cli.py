@@ -29,7 +29,9 @@ def test_rewards_listing(capsys):
     [
         (["train", "--set", "reward=pickscor"], "did you mean 'pickscore'"),
         (["train", "--set", "sample.stepz=3"], "unknown config key 'sample.stepz'"),
-        (["train", "--set", "model=/no/such/folder", "--set", "epochs=1", "--output-dir", "{tmp}/r"], "does not exist"),
+        (["train", "--set", "model=/no/such/folder", "--set", "eval.prompt_sets=[]", "--output-dir", "{tmp}/r"],
+         "does not exist"),
+        (["train", "--set", "model=/models/sd15"], "eval.prompt_sets"),
         (["score", "--reward", "jpeg", "--images", "{tmp}"], "unknown reward"),
     ],
 )

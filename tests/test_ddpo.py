@@ -50,7 +50,7 @@ def test_ppo_clip_loss_matches_hand_computation():
 
 def test_importance_ratio_is_exactly_one_before_the_first_update():
     """Re-scoring every stored step in training mode, other batch layout, reproduces the sampler."""
-    config = load_config(None, ["sample.num_steps=5", "sample.batch_size=6", "sample.num_batches_per_epoch=1",
+    config = load_config(None, ["model=tiny-random", "sample.num_steps=5", "sample.batch_size=6", "sample.num_batches_per_epoch=1",
                                 "train.batch_size=2"])
     pipe = pipeline.load("tiny-random")
     pipeline.add_lora(pipe)

@@ -14,6 +14,8 @@ from diffalign.config import load_config
 from diffalign.train import train
 
 pytestmark = pytest.mark.slow
+TINY_RANDOM_JOB = ("model=tiny-random", "reward=jpeg-compressibility", "prompts=simple-animals",
+                   "eval.prompt_sets=[]", "eval.rewards=[]", "eval.size=4", "eval.every=100")
 
 
 def _rise_and_margin(history: list[dict]) -> tuple[float, float]:
@@ -28,7 +30,7 @@ def test_ddpo_raises_jpeg_compressibility_on_tiny_random(tmp_path):
     config = load_config(None, [
         f"output_dir={tmp_path / 'run'}", "epochs=5", "lora.enabled=false", "train.learning_rate=2e-3",
         "ddpo.clip_range=1e-2", "sample.num_steps=4", "sample.batch_size=16", "sample.num_batches_per_epoch=2",
-        "train.batch_size=8", "grid_every=100", "tensorboard=false",
+        "train.batch_size=8", "tensorboard=false", *TINY_RANDOM_JOB,
     ])
     history = train(config, progress=False).history
     rise, margin = _rise_and_margin(history)
@@ -48,7 +50,7 @@ def test_ddpo_with_lora_follows_a_reward(tmp_path):
     config = load_config(None, [
         f"output_dir={tmp_path / 'run'}", "epochs=5", "train.learning_rate=1e-2", "ddpo.clip_range=1e-2",
         "sample.num_steps=8", "sample.batch_size=16", "sample.num_batches_per_epoch=1", "train.batch_size=8",
-        "grid_every=100", "tensorboard=false",
+        "tensorboard=false", *TINY_RANDOM_JOB,
     ])
     history = train(config, reward=Brightness(), progress=False).history
     rise, margin = _rise_and_margin(history)

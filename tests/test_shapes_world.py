@@ -79,12 +79,12 @@ def test_every_prompt_parses_and_prints_back_unchanged():
 
 
 def test_parse_tolerates_hand_written_variants():
-    assert parse("  A Red circle TO THE LEFT OF a blue square. ") == parse("a red circle left of a blue square")
+    left = parse("a red circle left of a blue square")
+    assert parse("  A Red circle TO THE LEFT OF a blue square. ") == left
     assert parse("2 green squares") == parse("two green squares")
     assert parse("an yellow triangle") == parse("a yellow triangle")
     right = parse("a blue square right of a red circle")
-    assert right != parse("a red circle left of a blue square")
-    assert right.canonical() == parse("a red circle left of a blue square").canonical()
+    assert right != left and right.canonical() == left.canonical() == left
 
 
 def test_caption_of_a_prompted_scene_states_the_prompt():
@@ -148,10 +148,11 @@ def test_splits_partition_the_prompts_and_keep_all_words_in_training():
 def test_prompt_sets_by_name():
     assert prompt_set("shapes-train") == prompts("train", "all")
     assert prompt_set("shapes-heldout") == prompts("heldout", "all")
-    for name, kind in [("shapes-single", "single"), ("shapes-count", "count"), ("shapes-relation", "relation")]:
+    for kind in ("single", "count", "relation"):
+        name = f"shapes-{kind}"
         assert prompt_set(name) == prompts("train", kind)
         assert {parse(p).kind for p in prompt_set(name)} == {kind}
-    assert set(PROMPT_SETS) == {"shapes-train", "shapes-heldout", "shapes-single", "shapes-count", "shapes-relation"}
+    assert set(PROMPT_SETS) == {f"shapes-{n}" for n in ("train", "heldout", "single", "count", "relation")}
     with pytest.raises(ValueError, match="Did you mean 'shapes-count'"):
         prompt_set("shapes-counts")
 
@@ -224,7 +225,12 @@ def test_score_gives_documented_partial_credit_for_mismatches():
 
 def test_score_batch_matches_score():
     rng = np.random.default_rng(5)
-    batch_prompts = ["a cyan triangle", "two purple circles", "a yellow circle above a red square", "a red circle"]
+    batch_prompts = [
+        "a cyan triangle",
+        "two purple circles",
+        "a yellow circle above a red square",
+        "a red circle",
+    ]
     images = [render(scene_for(p, rng)) for p in batch_prompts[:3]] + [np.zeros((32, 32, 3), np.uint8)]
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255  # [B, 3, H, W]
     scores = score_batch(tensor, batch_prompts)

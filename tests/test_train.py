@@ -10,14 +10,19 @@ from diffalign.config import load_config
 from diffalign.train import RunExistsError, train
 
 TINY = [
+    "model=tiny-random",
+    "reward=jpeg-compressibility",
+    "prompts=simple-animals",
+    "eval.prompt_sets=[]",
+    "eval.rewards=[]",
+    "eval.size=4",
     "sample.num_steps=4",
     "sample.batch_size=4",
     "sample.num_batches_per_epoch=1",
     "train.batch_size=2",
     "train.learning_rate=1e-2",
     "ddpo.clip_range=1e-2",
-    "grid_size=4",
-    "grid_every=2",
+    "eval.every=2",
     "tensorboard=false",
 ]
 COMPARED = ("reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "ratio", "samples_seen")
@@ -85,7 +90,8 @@ def test_outputs_a_person_can_look_at(tmp_path):
                  "lora/pytorch_lora_weights.safetensors"):
         assert (out / name).is_file(), name
     record = result.history[-1]
-    for key in ("reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "seconds", "grid_reward_mean"):
+    for key in ("reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "seconds",
+                "eval/simple-animals/jpeg-compressibility"):
         assert key in record
 
 

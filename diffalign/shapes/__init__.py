@@ -6,11 +6,21 @@ well a generated image matches its prompt.
 - ``grammar``: prompts ↔ ``Facts`` ↔ scenes (``parse``, ``text``, ``caption``, ``scene_for``).
 - ``splits``: train / held-out compositions, prompt sets, training pairs.
 - ``detector``: objects from pixels (``detect``) and prompt fit (``score``, ``score_batch``).
+- ``fit``: the detector's shape classifier (blurred templates fitted to a blob).
 - ``accuracy``: the detector's measured exactness and speed.
 """
 
 from diffalign.shapes.detector import Detection, correct, detect, score, score_batch
-from diffalign.shapes.grammar import Entity, Facts, PromptOutsideGrammar, Relation, caption, parse, scene_for, text
+from diffalign.shapes.grammar import (
+    Entity,
+    Facts,
+    PromptOutsideGrammar,
+    Relation,
+    caption,
+    parse,
+    scene_for,
+    text,
+)
 from diffalign.shapes.splits import HELDOUT_PAIRS, PROMPT_SETS, prompt_set, prompts, training_pairs
 from diffalign.shapes.world import COLOURS, SHAPES, Obj, Scene, random_scene, render
 

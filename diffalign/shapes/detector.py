@@ -132,7 +132,9 @@ def score_batch(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images.shape)}")
     if len(prompts) != images.shape[0]:
-        raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts; give one prompt per image")
+        raise ValueError(
+            f"got {images.shape[0]} images but {len(prompts)} prompts; give one prompt per image"
+        )
     pixels = images.detach().float().cpu().numpy()
     values = [score(pixels[i], p) for i, p in enumerate(prompts)]
     return torch.tensor(values, dtype=torch.float32, device=images.device)
@@ -157,8 +159,8 @@ def score_detections(detections: list[Detection], facts: Facts) -> float:
 
 def as_rgb(image: np.ndarray | torch.Tensor) -> np.ndarray:
     """``image`` as ``[H, W, 3]`` float64 in [0, 1]; NaN becomes 0, values are clipped."""
-    if isinstance(image, torch.Tensor):
-        image = image.detach().float().cpu().numpy()
+    if isinstance(image, torch.Tensor):  # floats as float32 (numpy has no bfloat16), uint8 as is
+        image = (image.detach().float() if image.is_floating_point() else image.detach()).cpu().numpy()
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
         array = array.transpose(1, 2, 0)
@@ -193,20 +195,27 @@ def _measure(
     direction /= max(np.linalg.norm(direction), 1e-12)
     typical = max(np.percentile(chromatic[region] @ direction, 90), 1e-6)
     coverage = chromatic[window] @ direction / typical  # [h, w]
-    background = chromatic[far] @ direction / typical
-    noise = (1.4826 * np.median(np.abs(background - np.median(background)))) ** 2 if background.size >= 16 else 0.0
+    noise = _noise_variance(chromatic[far] @ direction / typical)
     fit = fit_shape(coverage, valid[window], blurs, noise)
-    if fit is None:
+    if fit is None or fit.area < MIN_AREA * height * width:  # too little coherent colour: noise
         return None
     plausible = fit.extent <= MAX_EXTENT * min(height, width) and fit.residual <= MAX_RESIDUAL
     return Detection(
         shape=fit.shape if plausible else UNKNOWN,
         colour=_COLOUR_NAMES[cores[ys[0], xs[0]] - 1],
-        x=float((left + fit.x) / width),
-        y=float((top + fit.y) / height),
+        x=float(np.clip((left + fit.x) / width, 0.0, 1.0)),
+        y=float(np.clip((top + fit.y) / height, 0.0, 1.0)),
         area=float(fit.area / (height * width)),
         confidence=min(fit.margin, _colour_confidence(hues[region], chroma[region])) if plausible else 0.0,
     )
+
+
+def _noise_variance(values: np.ndarray) -> float:
+    """Variance of pixel noise from background values, robustly (median absolute deviation,
+    so stray object edges do not inflate it); 0 when there is too little background."""
+    if values.size < 16:
+        return 0.0
+    return float((1.4826 * np.median(np.abs(values - np.median(values)))) ** 2)
 
 
 def _colour_confidence(hues: np.ndarray, chroma: np.ndarray) -> float:

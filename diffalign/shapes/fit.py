@@ -31,7 +31,7 @@ _AREA = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}  # area / s²
 _DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6}  # centroid below box centre / s
 # Candidate extents, relative to the one the total coverage implies at full brightness:
 # noise and blur make the measured brightness of a pixel fully inside the object < 1.
-_EXTENT_STEPS = np.linspace(0.85, 1.3, 10)
+_EXTENT_STEPS = np.linspace(0.85, 1.3, 7)
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,13 @@ def fit_shape(
 
 
 def _fit_one(
-    shape: str, weights: np.ndarray, valid: np.ndarray, area: float, cx: float, cy: float, blurs: Sequence[float]
+    shape: str,
+    weights: np.ndarray,
+    valid: np.ndarray,
+    area: float,
+    cx: float,
+    cy: float,
+    blurs: Sequence[float],
 ) -> tuple[float, float, float]:
     """Squared error, box centre y and extent of the best ``shape`` template."""
     h, w = weights.shape

@@ -17,7 +17,17 @@ from itertools import permutations
 
 import numpy as np
 
-from diffalign.shapes.grammar import KINDS, NUMBER_WORDS, RELATIONS, Entity, Facts, Relation, caption, scene_for, text
+from diffalign.shapes.grammar import (
+    KINDS,
+    NUMBER_WORDS,
+    RELATIONS,
+    Entity,
+    Facts,
+    Relation,
+    caption,
+    scene_for,
+    text,
+)
 from diffalign.shapes.world import COLOURS, SHAPES, render
 
 # (colour, shape); red and cyan keep all their shapes so that the documentation's example

@@ -38,15 +38,15 @@ class ShapesTrainingConfig:
     """Hyperparameters of the from-scratch recipe (defaults: the shipped models)."""
 
     seed: int = 0
-    dataset_size: int = 24_000  # rendered (image, caption) pairs shared by all three stages
-    clip_steps: int = 2_000
+    dataset_size: int = 20_000  # rendered (image, caption) pairs shared by all three stages
+    clip_steps: int = 1_000
     clip_batch_size: int = 128
     clip_learning_rate: float = 1e-3
-    vae_steps: int = 2_000
-    vae_batch_size: int = 64
+    vae_steps: int = 500  # flat-coloured scenes reconstruct well early; the VAE is the costliest per step
+    vae_batch_size: int = 32
     vae_learning_rate: float = 1e-3
     vae_kl_weight: float = 1e-6  # SD's VAE: a nearly deterministic autoencoder with a tidy latent scale
-    unet_steps: int = 8_000
+    unet_steps: int = 3_000
     unet_batch_size: int = 64
     unet_learning_rate: float = 5e-4
     caption_dropout: float = 0.1
@@ -87,8 +87,8 @@ def train_clip(data: Dataset, config: ShapesTrainingConfig, generator: torch.Gen
     """Contrastive training; captions repeated within a batch count as positives of each other."""
     model = models.new_clip()
     tokenizer = clip_tokenizer(models.TOKEN_LENGTH)
-    unique = sorted(set(data.captions))
-    caption_index = torch.tensor([unique.index(c) for c in data.captions]) if len(unique) < 5000 else None
+    position = {caption: i for i, caption in enumerate(sorted(set(data.captions)))}
+    caption_index = torch.tensor([position[c] for c in data.captions])
     token_ids = tokenize(tokenizer, data.captions)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip_learning_rate, weight_decay=0.1)
     schedule = get_cosine_schedule_with_warmup(optimizer, 100, config.clip_steps)
@@ -178,8 +178,9 @@ def train_unet(
     unique = sorted(set(data.captions) | {""})
     with torch.no_grad():
         embeddings = text_encoder(tokenize(tokenizer, unique))[0]  # [U, L, D]
-    caption_index = torch.tensor([unique.index(c) for c in data.captions])
-    empty = unique.index("")
+    position = {caption: i for i, caption in enumerate(unique)}
+    caption_index = torch.tensor([position[c] for c in data.captions])
+    empty = position[""]
     means, stds = encode_dataset(vae, data.images)
     scale = vae.config.scaling_factor
     alphas = scheduler.alphas_cumprod
@@ -234,23 +235,57 @@ def save_models(clip: CLIPModel, pipe: StableDiffusionPipeline, folder: Path, fp
     pipe.to(torch.float32)
 
 
+def _stage_settings(config: ShapesTrainingConfig, prefix: str) -> dict:
+    settings = {k: v for k, v in asdict(config).items() if k.startswith(prefix)}
+    settings.update(seed=config.seed, dataset_size=config.dataset_size)
+    return settings
+
+
+def _cached_stage(folder: Path, settings: dict, load):
+    """A stage's saved result when it was trained with the same settings (resumes a long recipe)."""
+    marker = folder / "stage_settings.json"
+    if marker.is_file() and json.loads(marker.read_text("utf-8")) == settings:
+        return load(folder)
+    return None
+
+
+def _save_stage(folder: Path, settings: dict, model) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "stage_settings.json").write_text(json.dumps(settings), "utf-8")
+
+
 def train_all(config: ShapesTrainingConfig, folder: Path, fp16: bool = True) -> dict:
-    """Run the whole recipe and save the models; returns (and writes) a timing report."""
+    """Run the whole recipe and save the models; returns (and writes) a timing report.
+
+    Each finished stage is kept under ``folder/stages``; running again with the same settings
+    skips it, so an interrupted recipe resumes at the stage it was in.
+    """
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     data = render_dataset(config.dataset_size, config.seed)
     seconds["render"] = time.perf_counter() - started
+    stages = folder / "stages"
+
     stage = time.perf_counter()
-    clip = train_clip(data, config, generator)
+    settings = _stage_settings(config, "clip")
+    clip = _cached_stage(stages / "clip", settings, CLIPModel.from_pretrained)
+    if clip is None:
+        clip = train_clip(data, config, torch.Generator().manual_seed(config.seed))
+        _save_stage(stages / "clip", settings, clip)
     seconds["clip"] = time.perf_counter() - stage
+
     stage = time.perf_counter()
-    vae = train_vae(data, config, generator)
+    settings = _stage_settings(config, "vae")
+    vae = _cached_stage(stages / "vae", settings, AutoencoderKL.from_pretrained)
+    if vae is None:
+        vae = train_vae(data, config, torch.Generator().manual_seed(config.seed + 1))
+        _save_stage(stages / "vae", settings, vae)
     seconds["vae"] = time.perf_counter() - stage
+
     stage = time.perf_counter()
-    text_encoder = text_encoder_from(clip)
-    unet = train_unet(data, vae, text_encoder, config, generator)
+    text_encoder = text_encoder_from(clip.eval())
+    unet = train_unet(data, vae.eval(), text_encoder, config, torch.Generator().manual_seed(config.seed + 2))
     seconds["unet"] = time.perf_counter() - stage
     folder.mkdir(parents=True, exist_ok=True)
     save_models(clip, assemble_pipeline(vae, unet, text_encoder), folder, fp16=fp16)

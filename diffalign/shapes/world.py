@@ -9,9 +9,9 @@ Choices that the detector relies on (see ``detector.py``):
   Anti-aliasing and blur mix an object's colour with the grey background, which keeps the
   hue exactly and only scales the chroma, so edge pixels never look like another colour.
   White and black are left out for that reason: they have no hue and blend into the grey.
-- Shapes are axis-aligned and upright (a triangle points up), so three robust features
-  tell them apart: how much of the bounding box is filled and where the mass sits.
-- Objects never overlap and keep a gap, so each object is one connected blob.
+- Shapes are axis-aligned and upright (a triangle points up, base = height = extent), so
+  one template per shape, blurred to taste, explains any rendering of it.
+- Objects never overlap and keep a gap, so each object is one blob, even when blurred.
 - Size is a nuisance variable (extent 0.25–0.45 of the image side), not part of captions:
   a tiny generator's sizes drift, and "small"/"large" would be judged unreliably.
 """
