@@ -304,41 +304,17 @@ class TimedReward:
 
 
 def build_ddpo(settings: Settings):
-    """``(DDPO method, TimedReward, accelerator)`` built step by step as ``diffalign.train.train`` does."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from diffalign import pipeline, rewards
-    from diffalign import prompts as prompt_sets
+    """``(DDPO method, TimedReward, accelerator)`` built by ``diffalign.train.build_context``, as training does."""
+    from diffalign import rewards
     from diffalign.config import load_config
-    from diffalign.optim.base import TrainContext
     from diffalign.optim.ddpo import DDPO
+    from diffalign.train import build_context
 
     config = load_config(None, settings.overrides())
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=DDPO.accumulation_steps(config)
-    )
-    set_seed(config.seed)
-    pipe = pipeline.load(config.model, seed=config.seed)
-    pipe.to(accelerator.device)
-    pipeline.enable_memory_savers(pipe, xformers=config.xformers, gradient_checkpointing=config.gradient_checkpointing)
-    pipeline.add_lora(pipe, rank=config.lora.rank, alpha=config.lora.alpha)
-    parameters = [p for p in pipe.unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        parameters,
-        lr=config.train.learning_rate,
-        betas=(config.train.adam_beta1, config.train.adam_beta2),
-        weight_decay=config.train.adam_weight_decay,
-        eps=config.train.adam_epsilon,
-    )
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
     reward = rewards.build(config.reward, **config.reward_options)
-    if isinstance(reward, torch.nn.Module):
-        reward.to(accelerator.device)
-    timed = TimedReward(reward, accelerator.device)
-    context = TrainContext(pipe, unet, optimizer, accelerator, timed, prompt_sets.load_prompts(config.prompts),
-                           parameters)
-    return DDPO(context, config), timed, accelerator
+    timed = TimedReward(reward, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    context = build_context(config, timed)
+    return DDPO(context, config), timed, context.accelerator
 
 
 class BareEpoch:

@@ -144,7 +144,12 @@ def tiny_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             projection_dim=32,
         )
     )
-    scheduler = DDIMScheduler(
+    return assemble(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet)
+
+
+def sd_ddim_scheduler() -> DDIMScheduler:
+    """DDIM with Stable Diffusion 1.x's noise schedule, so hyperparameters carry over to small models."""
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -152,12 +157,16 @@ def tiny_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+
+
+def assemble(*, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+    """A ``StableDiffusionPipeline`` from components, with a DDIM scheduler and no safety checker."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
+        tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sd_ddim_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

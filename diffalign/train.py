@@ -51,33 +51,19 @@ def _tensorboard_available() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
-def train(
-    config: TrainConfig, *, reward: rewards.Reward | None = None, resume: bool = False, progress: bool = True
-) -> TrainResult:
-    """Run ``config.method`` for ``config.epochs`` epochs (continuing the last checkpoint if ``resume``).
+def build_context(config: TrainConfig, reward: rewards.Reward | None = None) -> TrainContext:
+    """Everything a method trains with: accelerator, pipeline with adapter, optimizer, reward, prompts.
 
-    ``reward`` replaces the registry reward named in the config: the way to train on a reward
-    written in user code.
+    ``train`` calls this; so do benchmarks that time one method's epoch on its own.
     """
     method_class = METHOD_CLASSES[config.method]
-    output = Path(config.output_dir)
-    checkpoints = output / "checkpoints"
-    previous = checkpoint.latest(checkpoints) if checkpoints.exists() else None
-    if previous is not None and not resume:
-        raise RunExistsError(
-            f"{output} already holds a run (checkpoint {previous.name}). Pass --resume to continue it, "
-            "or choose another output_dir; nothing was changed."
-        )
-    if resume and previous is None:
-        raise checkpoint.CheckpointError(f"--resume given but {checkpoints} has no checkpoint to resume from")
-
     accelerator = Accelerator(
         # Without a GPU, accelerate only sets up multi-process (gloo) training when told it is on CPU.
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=method_class.accumulation_steps(config),
         log_with="tensorboard" if config.tensorboard and _tensorboard_available() else None,
-        project_dir=str(output),
+        project_dir=config.output_dir,
     )
     set_seed(config.seed)  # LoRA's random down-projection init
     pipe = pipeline.load(config.model, seed=config.seed)
@@ -104,7 +90,31 @@ def train(
     if isinstance(reward, torch.nn.Module):
         reward.to(accelerator.device)
     prompt_list = prompt_sets.load_prompts(config.prompts)
-    context = TrainContext(pipe, unet, optimizer, accelerator, reward, prompt_list, parameters)
+    return TrainContext(pipe, unet, optimizer, accelerator, reward, prompt_list, parameters)
+
+
+def train(
+    config: TrainConfig, *, reward: rewards.Reward | None = None, resume: bool = False, progress: bool = True
+) -> TrainResult:
+    """Run ``config.method`` for ``config.epochs`` epochs (continuing the last checkpoint if ``resume``).
+
+    ``reward`` replaces the registry reward named in the config: the way to train on a reward
+    written in user code.
+    """
+    method_class = METHOD_CLASSES[config.method]
+    output = Path(config.output_dir)
+    checkpoints = output / "checkpoints"
+    previous = checkpoint.latest(checkpoints) if checkpoints.exists() else None
+    if previous is not None and not resume:
+        raise RunExistsError(
+            f"{output} already holds a run (checkpoint {previous.name}). Pass --resume to continue it, "
+            "or choose another output_dir; nothing was changed."
+        )
+    if resume and previous is None:
+        raise checkpoint.CheckpointError(f"--resume given but {checkpoints} has no checkpoint to resume from")
+
+    context = build_context(config, reward)
+    accelerator, pipe, optimizer, reward = context.accelerator, context.pipe, context.optimizer, context.reward
     method = method_class(context, config)
 
     history: list[dict] = []

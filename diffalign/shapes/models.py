@@ -8,7 +8,7 @@ in a few seconds and the shipped weights stay small.
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 IMAGE_SIZE = 32
@@ -76,16 +76,4 @@ def new_unet() -> UNet2DConditionModel:
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=4,  # diffusers reads this as the number of heads
         norm_num_groups=32,
-    )
-
-
-def new_scheduler() -> DDIMScheduler:
-    """Stable Diffusion 1.x's noise schedule, so hyperparameters carry over between the two."""
-    return DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
     )

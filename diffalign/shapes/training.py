@@ -24,6 +24,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from diffalign import pipeline
 from diffalign.shapes import models
 from diffalign.shapes.splits import training_pairs
 from diffalign.tokenizer import clip_tokenizer
@@ -173,7 +174,7 @@ def train_unet(
 ) -> UNet2DConditionModel:
     """ε-prediction on scaled VAE latents, frozen text encoder, caption dropout, EMA weights."""
     unet = models.new_unet()
-    scheduler = models.new_scheduler()
+    scheduler = pipeline.sd_ddim_scheduler()
     tokenizer = clip_tokenizer(models.TOKEN_LENGTH)
     unique = sorted(set(data.captions) | {""})
     with torch.no_grad():
@@ -210,19 +211,6 @@ def train_unet(
         bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(unet.parameters())
     return unet.eval()
-
-
-def assemble_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: CLIPTextModel):
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(models.TOKEN_LENGTH),
-        unet=unet,
-        scheduler=models.new_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
 
 
 def save_models(clip: CLIPModel, pipe: StableDiffusionPipeline, folder: Path, fp16: bool = True) -> None:
@@ -288,7 +276,10 @@ def train_all(config: ShapesTrainingConfig, folder: Path, fp16: bool = True) -> 
     unet = train_unet(data, vae.eval(), text_encoder, config, torch.Generator().manual_seed(config.seed + 2))
     seconds["unet"] = time.perf_counter() - stage
     folder.mkdir(parents=True, exist_ok=True)
-    save_models(clip, assemble_pipeline(vae, unet, text_encoder), folder, fp16=fp16)
+    pipe = pipeline.assemble(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(models.TOKEN_LENGTH), unet=unet
+    )
+    save_models(clip, pipe, folder, fp16=fp16)
     seconds["total"] = time.perf_counter() - started
     report = {
         "config": asdict(config),
