@@ -230,16 +230,27 @@ def _stage_settings(config: ShapesTrainingConfig, prefix: str) -> dict:
 
 
 def _cached_stage(folder: Path, settings: dict, load):
-    """A stage's saved result when it was trained with the same settings (resumes a long recipe)."""
-    marker = folder / "stage_settings.json"
-    if marker.is_file() and json.loads(marker.read_text("utf-8")) == settings:
-        return load(folder)
+    """``(model, seconds it took to train)`` when the stage was trained with the same settings
+    (resumes a long recipe), else None."""
+    marker = folder / "stage.json"
+    if marker.is_file():
+        saved = json.loads(marker.read_text("utf-8"))
+        if saved["settings"] == settings:
+            return load(folder), saved["seconds"]
     return None
 
 
-def _save_stage(folder: Path, settings: dict, model) -> None:
+def _run_stage(folder: Path, settings: dict, load, train) -> tuple:
+    """Load a finished stage or train it and keep it; returns ``(model, training seconds)``."""
+    cached = _cached_stage(folder, settings, load)
+    if cached is not None:
+        return cached
+    started = time.perf_counter()
+    model = train()
+    seconds = time.perf_counter() - started
     model.save_pretrained(folder, safe_serialization=True)
-    (folder / "stage_settings.json").write_text(json.dumps(settings), "utf-8")
+    (folder / "stage.json").write_text(json.dumps({"settings": settings, "seconds": seconds}), "utf-8")
+    return model, seconds
 
 
 def train_all(config: ShapesTrainingConfig, folder: Path, fp16: bool = True) -> dict:
@@ -255,22 +266,18 @@ def train_all(config: ShapesTrainingConfig, folder: Path, fp16: bool = True) -> 
     seconds["render"] = time.perf_counter() - started
     stages = folder / "stages"
 
-    stage = time.perf_counter()
-    settings = _stage_settings(config, "clip")
-    clip = _cached_stage(stages / "clip", settings, CLIPModel.from_pretrained)
-    if clip is None:
-        clip = train_clip(data, config, torch.Generator().manual_seed(config.seed))
-        _save_stage(stages / "clip", settings, clip)
-    seconds["clip"] = time.perf_counter() - stage
-
-    stage = time.perf_counter()
-    settings = _stage_settings(config, "vae")
-    vae = _cached_stage(stages / "vae", settings, AutoencoderKL.from_pretrained)
-    if vae is None:
-        vae = train_vae(data, config, torch.Generator().manual_seed(config.seed + 1))
-        _save_stage(stages / "vae", settings, vae)
-    seconds["vae"] = time.perf_counter() - stage
-
+    clip, seconds["clip"] = _run_stage(
+        stages / "clip",
+        _stage_settings(config, "clip"),
+        CLIPModel.from_pretrained,
+        lambda: train_clip(data, config, torch.Generator().manual_seed(config.seed)),
+    )
+    vae, seconds["vae"] = _run_stage(
+        stages / "vae",
+        _stage_settings(config, "vae"),
+        AutoencoderKL.from_pretrained,
+        lambda: train_vae(data, config, torch.Generator().manual_seed(config.seed + 1)),
+    )
     stage = time.perf_counter()
     text_encoder = text_encoder_from(clip.eval())
     unet = train_unet(data, vae.eval(), text_encoder, config, torch.Generator().manual_seed(config.seed + 2))
@@ -280,7 +287,7 @@ def train_all(config: ShapesTrainingConfig, folder: Path, fp16: bool = True) -> 
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(models.TOKEN_LENGTH), unet=unet
     )
     save_models(clip, pipe, folder, fp16=fp16)
-    seconds["total"] = time.perf_counter() - started
+    seconds["total"] = sum(seconds.values())  # stages reused from an earlier run count what they took then
     report = {
         "config": asdict(config),
         "seconds": seconds,
