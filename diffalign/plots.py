@@ -21,6 +21,16 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def _save(figure, path: str | Path) -> Path:
+    """Write ``figure`` as PNG (creating the folder) and free it."""
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def save_grid(
     images: torch.Tensor,
     captions: Sequence[str],
@@ -46,12 +56,7 @@ def save_grid(
         axis.set_title(label, fontsize=7)
     if title:
         figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def save_curves(
@@ -75,9 +80,4 @@ def save_curves(
     axis.legend(fontsize=8)
     if title:
         axis.set_title(title, fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
