@@ -135,8 +135,6 @@ def _suggest(name: str, options: list[str]) -> str:
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field's type; integers are accepted for float fields."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing), {})  # annotations are strings under __future__
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(annotation):
@@ -159,6 +157,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
+    types_of = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__`
     for key in values:
         if key not in known:
             raise ConfigError(
@@ -176,7 +175,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
                 raise ConfigError(f"{prefix + name!r} is a section; give a mapping, got {value!r}")
             kwargs[name] = _build(section, value, prefix + name + ".")
         else:
-            kwargs[name] = _coerce(value, spec.type, prefix + name)
+            kwargs[name] = _coerce(value, types_of[name], prefix + name)
     return cls(**kwargs)
 
 
