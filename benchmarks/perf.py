@@ -86,6 +86,9 @@ class Settings:
             f"sample.guidance_scale={self.guidance_scale}",
             f"sample.eta={self.eta}",
             f"sample.num_batches_per_epoch={self.num_batches}",
+            # Independent prompts and noise per image: the bare reference samples that way too.
+            "sample.images_per_prompt=1",
+            "sample.shared_initial_noise=false",
             f"train.batch_size={self.train_batch_size}",
             f"lora.rank={self.lora_rank}",
             f"lora.alpha={float(self.lora_rank)}",

@@ -43,9 +43,14 @@ def save(
     lora: bool,
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
+    method_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write the state after ``epoch`` completed epochs to ``folder/epoch-NNNN`` and point ``latest`` at it."""
+    """Write the state after ``epoch`` completed epochs to ``folder/epoch-NNNN`` and point ``latest`` at it.
+
+    ``trainer_state`` is JSON (history, readable by people); ``method_state`` may hold tensors
+    (value networks, replay buffers) and goes to ``method.pt``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"epoch-{epoch:04d}"
     staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-epoch-{epoch:04d}-"))
@@ -54,6 +59,7 @@ def save(
     else:
         save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(staging / "unet.safetensors"))
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(method_state, staging / "method.pt")
     (staging / "trainer_state.json").write_text(json.dumps({"epoch": epoch, **trainer_state}), "utf-8")
     if final.exists():
         shutil.rmtree(final)
@@ -78,10 +84,13 @@ def latest(folder: Path) -> Path | None:
 def load(
     path: Path, *, unet: torch.nn.Module, lora: bool, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore weights and optimizer state from ``path``; returns the trainer state (with ``epoch``)."""
+    """Restore weights and optimizer state from ``path``; returns the trainer state (with ``epoch``,
+    and the method's state under ``method``)."""
     if lora:
         pipeline.load_lora_into_adapter(unet, path / "lora")
     else:
         unet.load_state_dict(load_file(str(path / "unet.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    return json.loads((path / "trainer_state.json").read_text("utf-8"))
+    state = json.loads((path / "trainer_state.json").read_text("utf-8"))
+    state["method"] = torch.load(path / "method.pt", weights_only=True)
+    return state

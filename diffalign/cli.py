@@ -27,7 +27,13 @@ def _reward_table() -> str:
 def _train_epilog() -> str:
     keys = "\n".join(f"  {key:<36} {default:<22} {text}" for key, default, text in config_module.describe())
     return (
-        f"methods:\n  {', '.join(config_module.METHODS)}\n\n"
+        "methods (method=...; each starts from its preset in diffalign/presets/<method>.yaml):\n"
+        "  ddpo       DDPO (Black et al. 2023): PPO-clip policy gradient on per-step log-probs\n"
+        "  dpok       DPOK (Fan et al. 2023): policy gradient + KL to the pre-trained model + value baseline\n"
+        "  alignprop  AlignProp (Prabhudesai et al. 2023): backprop of a differentiable reward through sampling\n\n"
+        "exploration (exploration=...):\n"
+        "  none       sample with the fixed guidance scale and the prompt as written\n"
+        "  diffexp    DiffExp (Chae et al. 2025): low guidance on early steps + random phrase weights (compel)\n\n"
         f"rewards:\n{_reward_table()}\n\n"
         f"prompt sets:\n  {', '.join(prompt_sets.builtin_names())} (or a .txt file, one prompt per line)\n\n"
         f"config keys (YAML file and --set key=value):\n{keys}\n\n"

@@ -40,6 +40,9 @@ class LoraSection:
     enabled: bool = doc(True, "train a LoRA adapter (peft) instead of the full UNet")
     rank: int = doc(4, "LoRA rank; 4 is DDPO's choice for SD 1.x, enough for reward fine-tuning")
     alpha: float = doc(4.0, "LoRA scale numerator (effective scale alpha/rank)")
+    target_modules: list = doc(
+        ["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA matrices (peft names; attention by default)"
+    )
 
 
 @dataclass
@@ -52,6 +55,12 @@ class SampleSection:
     negative_prompt: str = doc("", "unconditional prompt for classifier-free guidance")
     batch_size: int = doc(16, "images per sampling batch on each process")
     num_batches_per_epoch: int = doc(2, "sampling batches per epoch; samples/epoch = this x batch_size x processes")
+    images_per_prompt: int = doc(
+        4, "images sampled per drawn prompt in a batch, so advantages compare images of the same prompt"
+    )
+    shared_initial_noise: bool = doc(
+        True, "the images of one prompt start from the same x_T, so their advantages reflect the sampled steps"
+    )
 
 
 @dataclass
@@ -80,7 +89,45 @@ class DDPOSection:
     adv_clip_max: float = doc(5.0, "advantages are clipped to [-this, this]")
     per_prompt_stat_tracking: bool = doc(True, "normalise rewards per prompt with running statistics")
     stat_buffer_size: int = doc(16, "rewards remembered per prompt for its statistics")
-    stat_min_count: int = doc(16, "below this many rewards for a prompt, use the whole batch's statistics")
+    stat_min_count: int = doc(4, "below this many rewards for a prompt, use the whole batch's statistics")
+
+
+@dataclass
+class DPOKSection:
+    """DPOK (Fan et al. 2023): KL-regularised policy gradient with a value baseline and replay buffer."""
+
+    reward_weight: float = doc(10.0, "alpha: weight of the reward term (advantages are reward minus the value baseline)")
+    kl_weight: float = doc(0.01, "beta: weight of the per-step KL to the pre-trained model (the UNet with LoRA off)")
+    clip_range: float = doc(1e-2, "clip range of the per-step importance ratio, as in the paper's code")
+    buffer_epochs: int = doc(4, "the replay buffer keeps the transitions of this many recent epochs")
+    updates_per_epoch: int = doc(8, "policy updates per epoch, each on train.batch_size transitions drawn from the buffer")
+    value_learning_rate: float = doc(1e-3, "AdamW learning rate of the value network")
+    value_updates_per_epoch: int = doc(8, "value-network updates per epoch, on buffer transitions")
+    value_width: int = doc(64, "hidden width of the value network (latents + timestep + pooled text -> expected reward)")
+
+
+@dataclass
+class AlignPropSection:
+    """AlignProp (Prabhudesai et al. 2023): backpropagate a differentiable reward through sampling."""
+
+    truncation_steps: int = doc(2, "K: gradients flow through the last K denoising steps (earlier ones run without)")
+    random_truncation: bool = doc(
+        True, "draw K uniformly from 1..truncation_steps for every update (randomised truncated backprop)"
+    )
+    checkpoint_unet: bool = doc(True, "gradient-checkpoint every UNet call with gradients (memory ~ one call)")
+    reward_scale: float = doc(1.0, "the loss is -reward_scale x mean reward")
+
+
+@dataclass
+class DiffExpSection:
+    """DiffExp (Chae et al. 2025) exploration, used when exploration: diffexp."""
+
+    cfg_schedule: bool = doc(True, "dynamic guidance: a low scale on the first, noisiest steps")
+    low_guidance: list = doc([1.0, 3.0], "range of the per-sample low guidance scale of the early steps")
+    low_guidance_fraction: float = doc(0.3, "fraction of the steps (the noisiest) sampled with the low scale")
+    prompt_weighting: bool = doc(True, "weight random phrases of the prompt (compel syntax)")
+    phrase_weight: list = doc([1.0, 1.5], "range of the random weight given to a phrase")
+    weighted_phrases: int = doc(1, "phrases (content words) weighted per prompt")
 
 
 @dataclass
@@ -100,7 +147,8 @@ class EvalSection:
 class TrainConfig:
     """Everything one `diffalign train` run needs."""
 
-    method: str = doc("ddpo", "optimisation method")
+    method: str = doc("ddpo", "optimisation method: ddpo | dpok | alignprop")
+    exploration: str = doc("none", "online sampling exploration: none | diffexp")
     model: str = doc("shapes", "pipeline: built-in name (shapes, tiny-random), local diffusers folder, or cached hub id")
     reward: str = doc("shapes-clip", "reward name (see `diffalign rewards`)")
     reward_options: dict = doc({}, "keyword options for the reward, e.g. {checkpoint: /path}")
@@ -118,13 +166,18 @@ class TrainConfig:
     sample: SampleSection = doc(SampleSection, "online sampling")
     train: OptimSection = doc(OptimSection, "optimizer and updates")
     ddpo: DDPOSection = doc(DDPOSection, "DDPO")
+    dpok: DPOKSection = doc(DPOKSection, "DPOK")
+    alignprop: AlignPropSection = doc(AlignPropSection, "AlignProp")
+    diffexp: DiffExpSection = doc(DiffExpSection, "DiffExp exploration")
     eval: EvalSection = doc(EvalSection, "fixed-noise evaluation")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-METHODS = ("ddpo",)
+METHODS = ("ddpo", "dpok", "alignprop")
+EXPLORATIONS = ("none", "diffexp")
+POLICY_GRADIENT_METHODS = ("ddpo", "dpok")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -281,6 +334,7 @@ def validate(config: TrainConfig) -> None:
         "train.batch_size": config.train.batch_size,
         "train.gradient_accumulation_steps": config.train.gradient_accumulation_steps,
         "train.inner_epochs": config.train.inner_epochs,
+        "sample.images_per_prompt": config.sample.images_per_prompt,
     }
     for name, value in positive.items():
         if value < 1:
@@ -289,9 +343,26 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"train.learning_rate must be positive, got {config.train.learning_rate}")
     if not 0 < config.train.timestep_fraction <= 1:
         raise ConfigError(f"train.timestep_fraction must be in (0, 1], got {config.train.timestep_fraction}")
-    if config.method in ("ddpo",) and config.sample.eta <= 0:
+    if config.exploration not in EXPLORATIONS:
+        raise ConfigError(
+            f"unknown exploration {config.exploration!r}.{_suggest(config.exploration, list(EXPLORATIONS))} "
+            f"Choose one of: {', '.join(EXPLORATIONS)}."
+        )
+    if config.exploration == "diffexp":
+        from diffalign.diffexp import ExplorationError, check_section
+
+        try:
+            check_section(config.diffexp)
+        except ExplorationError as error:
+            raise ConfigError(str(error)) from error
+    if config.method in POLICY_GRADIENT_METHODS and config.sample.eta <= 0:
         raise ConfigError(
             f"sample.eta must be > 0 for {config.method}: with eta=0 DDIM is deterministic and has no log-prob"
+        )
+    if config.sample.batch_size % config.sample.images_per_prompt:
+        raise ConfigError(
+            f"sample.batch_size ({config.sample.batch_size}) must be divisible by "
+            f"sample.images_per_prompt ({config.sample.images_per_prompt})"
         )
     per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
     if per_epoch % config.train.batch_size:
@@ -308,6 +379,44 @@ def validate(config: TrainConfig) -> None:
         )
     if config.ddpo.clip_range <= 0 or config.ddpo.adv_clip_max <= 0:
         raise ConfigError("ddpo.clip_range and ddpo.adv_clip_max must be positive")
+    _validate_dpok(config)
+    if config.method == "alignprop":
+        _validate_alignprop(config)
+
+
+def _validate_alignprop(config: TrainConfig) -> None:
+    from diffalign import rewards
+
+    if not rewards.info(config.reward).differentiable:
+        usable = [entry.name for entry in rewards.available() if entry.differentiable]
+        raise ConfigError(
+            f"alignprop backpropagates through the reward, but {config.reward!r} is not differentiable. "
+            f"Differentiable rewards: {', '.join(usable)}. Use method=ddpo or method=dpok for any reward."
+        )
+    steps = config.alignprop.truncation_steps
+    if not 1 <= steps <= config.sample.num_steps:
+        raise ConfigError(
+            f"alignprop.truncation_steps must be between 1 and sample.num_steps ({config.sample.num_steps}), got {steps}"
+        )
+    if config.alignprop.reward_scale <= 0:
+        raise ConfigError(f"alignprop.reward_scale must be positive, got {config.alignprop.reward_scale}")
+
+
+def _validate_dpok(config: TrainConfig) -> None:
+    section = config.dpok
+    if config.method == "dpok" and not config.lora.enabled:
+        raise ConfigError(
+            "dpok regularises towards the pre-trained model by switching the LoRA adapter off, so it needs "
+            "lora.enabled=true (no second UNet copy is kept in memory)"
+        )
+    for key in ("buffer_epochs", "updates_per_epoch", "value_updates_per_epoch", "value_width"):
+        if getattr(section, key) < 1:
+            raise ConfigError(f"dpok.{key} must be at least 1, got {getattr(section, key)}")
+    for key in ("reward_weight", "clip_range", "value_learning_rate"):
+        if getattr(section, key) <= 0:
+            raise ConfigError(f"dpok.{key} must be positive, got {getattr(section, key)}")
+    if section.kl_weight < 0:
+        raise ConfigError(f"dpok.kl_weight must not be negative, got {section.kl_weight}")
 
 
 def describe(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -72,31 +72,20 @@ class Trajectory:
         return Trajectory(**values)
 
 
-def ddim_step_with_logprob(
+def ddim_posterior(
     scheduler: DDIMScheduler,
     noise_pred: torch.Tensor,
     timestep: int | torch.Tensor,
     latents: torch.Tensor,
     eta: float = 1.0,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step x_t → x_{t-1} and the log-density of the step, as ``DDIMScheduler.step`` does it.
+    """The Gaussian DDIM-η transition p(x_{t-1} | x_t): ``(mean  # like latents, fp32, std  # [B, 1, ...])``.
 
     Follows the scheduler's config (prediction type, clipping or thresholding of x̂_0, the
-    final alpha). ``timestep`` is a scalar or one timestep per sample (``[B]``). When
-    ``prev_sample`` is given the step is not sampled but re-scored: that is how optimizers
-    recompute the probability of a stored transition under new weights.
-
-    The log-prob is the Gaussian log-density averaged over latent dimensions (the
-    convention of DDPO's reference code, which is why PPO clip ranges around 1e-4 work),
-    computed in fp32. A deterministic step (η = 0) has no density; its log-prob is 0 by
-    convention and RL methods refuse η = 0 when validating their config.
-
-    Returns ``(prev_sample  # like latents, log_prob  # [B] fp32)``.
+    final alpha). ``timestep`` is a scalar or one timestep per sample (``[B]``).
     """
     if scheduler.num_inference_steps is None:
-        raise ValueError("call scheduler.set_timesteps(...) before ddim_step_with_logprob")
+        raise ValueError("call scheduler.set_timesteps(...) before a DDIM step")
     batch = latents.shape[0]
     device = latents.device
     timestep = torch.as_tensor(timestep, device=device).long().reshape(-1).expand(batch)
@@ -139,9 +128,35 @@ def ddim_step_with_logprob(
     pred_sample_direction = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5) * pred_epsilon
     prev_sample_mean = alpha_prod_t_prev ** (0.5) * pred_original_sample + pred_sample_direction
 
+    return prev_sample_mean, std_dev_t
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    noise_pred: torch.Tensor,
+    timestep: int | torch.Tensor,
+    latents: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t → x_{t-1} and the log-density of the step, as ``DDIMScheduler.step`` does it.
+
+    The transition is ``ddim_posterior``'s Gaussian. When ``prev_sample`` is given the step is not sampled but re-scored: that is how optimizers
+    recompute the probability of a stored transition under new weights.
+
+    The log-prob is the Gaussian log-density averaged over latent dimensions (the
+    convention of DDPO's reference code, which is why PPO clip ranges around 1e-4 work),
+    computed in fp32. A deterministic step (η = 0) has no density; its log-prob is 0 by
+    convention and RL methods refuse η = 0 when validating their config.
+
+    Returns ``(prev_sample  # like latents, log_prob  # [B] fp32)``.
+    """
+    prev_sample_mean, std_dev_t = ddim_posterior(scheduler, noise_pred, timestep, latents, eta)
+    batch = latents.shape[0]
     if prev_sample is None:
         if eta > 0:
-            noise = randn_tensor(model_output.shape, generator=generator, device=device, dtype=model_output.dtype)
+            noise = randn_tensor(noise_pred.shape, generator=generator, device=latents.device, dtype=noise_pred.dtype)
             prev_sample = prev_sample_mean + std_dev_t * noise
         else:
             prev_sample = prev_sample_mean

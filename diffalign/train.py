@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from diffalign import checkpoint, pipeline, plots, rewards
 from diffalign import prompts as prompt_sets
 from diffalign.config import TrainConfig
+from diffalign.diffexp import DiffExp
 from diffalign.optim import METHOD_CLASSES
 from diffalign.optim.base import TrainContext
 from diffalign.evaluation import Evaluator
@@ -72,7 +73,9 @@ def build_context(config: TrainConfig, reward: rewards.Reward | None = None) -> 
         pipe, xformers=config.xformers, gradient_checkpointing=config.gradient_checkpointing
     )
     if config.lora.enabled:
-        pipeline.add_lora(pipe, rank=config.lora.rank, alpha=config.lora.alpha)
+        pipeline.add_lora(
+            pipe, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=tuple(config.lora.target_modules)
+        )
     else:
         pipe.vae.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
@@ -90,7 +93,11 @@ def build_context(config: TrainConfig, reward: rewards.Reward | None = None) -> 
     if isinstance(reward, torch.nn.Module):
         reward.to(accelerator.device)
     prompt_list = prompt_sets.load_prompts(config.prompts)
-    return TrainContext(pipe, unet, optimizer, accelerator, reward, prompt_list, parameters)
+    exploration = None
+    if config.exploration == "diffexp":
+        exploration = DiffExp(pipe, config.diffexp, config.sample.guidance_scale, config.sample.num_steps)
+        exploration.check_prompts(prompt_list)
+    return TrainContext(pipe, unet, optimizer, accelerator, reward, prompt_list, parameters, exploration)
 
 
 def train(
@@ -165,7 +172,7 @@ def train(
         if main and (done % config.eval.every == 0 or done == config.epochs):
             record.update(evaluator.run(pipe, done, accelerator))
         history.append(record)
-        bar.set_postfix(reward=f"{record['reward_mean']:.4g}", kl=f"{record['approx_kl']:.2g}")
+        bar.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.3g}")
         if main:
             with metrics_path.open("a", encoding="utf-8") as stream:
                 stream.write(json.dumps(record) + "\n")
@@ -179,7 +186,8 @@ def train(
                     unet=pipe.unet,
                     lora=config.lora.enabled,
                     optimizer=optimizer,
-                    trainer_state={"history": history, "method": method.state_dict()},
+                    trainer_state={"history": history},
+                    method_state=method.state_dict(),
                     keep=config.keep_checkpoints,
                 )
     accelerator.wait_for_everyone()

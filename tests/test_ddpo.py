@@ -50,7 +50,7 @@ def test_ppo_clip_loss_matches_hand_computation():
 
 def test_importance_ratio_is_exactly_one_before_the_first_update():
     """Re-scoring every stored step in training mode, other batch layout, reproduces the sampler."""
-    config = load_config(None, ["model=tiny-random", "sample.num_steps=5", "sample.batch_size=6", "sample.num_batches_per_epoch=1",
+    config = load_config(None, ["model=tiny-random", "sample.num_steps=5", "sample.batch_size=6", "sample.num_batches_per_epoch=1", "sample.images_per_prompt=2",
                                 "train.batch_size=2"])
     pipe = pipeline.load("tiny-random")
     pipeline.add_lora(pipe)
@@ -58,7 +58,7 @@ def test_importance_ratio_is_exactly_one_before_the_first_update():
     reward = rewards.build("jpeg-compressibility")
     context = TrainContext(pipe, pipe.unet, None, accelerator, reward, ["a cat", "a dog", "a fox"], [])
     trajectory, _ = collect_rollouts(
-        context, batch_size=6, num_batches=1, num_steps=5, guidance_scale=5.0, eta=1.0, negative_prompt="",
+        context, batch_size=6, num_batches=1, images_per_prompt=2, shared_initial_noise=True, num_steps=5, guidance_scale=5.0, eta=1.0, negative_prompt="",
         generator=torch.Generator().manual_seed(0),
     )
     pipe.unet.train()

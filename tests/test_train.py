@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffalign import checkpoint, rewards
 from diffalign.config import load_config
@@ -70,6 +71,25 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
             assert ours[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-9), key
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [("method=dpok", "dpok.buffer_epochs=2", "dpok.updates_per_epoch=2", "dpok.value_updates_per_epoch=2"),
+     ("method=alignprop", "reward=aesthetic", "reward_options={checkpoint: tiny-random}", "exploration=diffexp")],
+    ids=["dpok", "alignprop+diffexp"],
+)
+def test_resuming_other_methods_matches_an_uninterrupted_run(tmp_path, extra):
+    """DPOK's value network and replay buffer, and DiffExp's draws, survive a checkpoint exactly."""
+    full = train(_config(tmp_path, "full", "epochs=3", *extra), progress=False)
+    train(_config(tmp_path, "cut", "epochs=2", *extra), progress=False)
+    resumed = train(_config(tmp_path, "cut", "epochs=3", *extra), resume=True, progress=False)
+    keys = [key for key in full.history[-1] if key not in ("seconds",) and not key.startswith("eval/")]
+    for key in keys:
+        assert resumed.history[-1][key] == pytest.approx(full.history[-1][key], rel=1e-6, abs=1e-9), key
+    weights = [load_file(run.lora_dir / "pytorch_lora_weights.safetensors") for run in (full, resumed)]
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
 
 
 def test_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(tmp_path):

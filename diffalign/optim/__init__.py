@@ -1,7 +1,9 @@
-"""Optimisation methods; each one lives in a file named after it."""
+"""Optimisation methods, each in its own module, looked up by the config's ``method`` key."""
 
+from diffalign.optim.alignprop import AlignProp
 from diffalign.optim.ddpo import DDPO, PerPromptStatTracker, TrainingDiverged
+from diffalign.optim.dpok import DPOK
 
-METHOD_CLASSES = {"ddpo": DDPO}
+METHOD_CLASSES = {"ddpo": DDPO, "dpok": DPOK, "alignprop": AlignProp}
 
-__all__ = ["DDPO", "METHOD_CLASSES", "PerPromptStatTracker", "TrainingDiverged"]
+__all__ = ["DDPO", "DPOK", "AlignProp", "METHOD_CLASSES", "PerPromptStatTracker", "TrainingDiverged"]

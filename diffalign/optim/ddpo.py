@@ -120,6 +120,8 @@ class DDPO:
             context,
             batch_size=config.sample.batch_size,
             num_batches=config.sample.num_batches_per_epoch,
+            images_per_prompt=config.sample.images_per_prompt,
+            shared_initial_noise=config.sample.shared_initial_noise,
             num_steps=config.sample.num_steps,
             guidance_scale=config.sample.guidance_scale,
             eta=config.sample.eta,

@@ -1,0 +1,134 @@
+"""AlignProp: reward backpropagation through the sampling chain (Prabhudesai, Goyal, Pathak,
+Fragkiadaki; arXiv 2310.03739).
+
+Each update samples a batch from noise with DDIM; the first T-K denoising steps run without
+gradient and the last K with gradient, every UNet call among those K gradient-checkpointed, so
+memory stays near one UNet call per step. The decoded images are scored by a differentiable
+reward and ``-reward`` is backpropagated into the LoRA weights. With ``random_truncation``, K is
+drawn uniformly from 1..``truncation_steps`` for each update (the paper's randomised truncated
+backpropagation), which keeps the gradient from only ever seeing the last step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from diffalign import prompts as prompt_sets
+from diffalign.config import TrainConfig
+from diffalign.optim.base import TrainContext, clip_and_step
+from diffalign.optim.ddpo import TrainingDiverged
+from diffalign.rewards import checked_call
+from diffalign.sampling import ddim_step_with_logprob, decode_latents, encode_prompts, guided_noise, initial_latents
+
+
+@dataclass
+class GradientWindow:
+    """Which UNet calls of a differentiable sample carry gradient: the last ``steps`` of the chain."""
+
+    steps: int
+    checkpointed: bool
+
+
+def differentiable_sample(
+    context: TrainContext,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    guidance_scales: torch.Tensor,
+    *,
+    num_steps: int,
+    eta: float,
+    window: GradientWindow,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Sample images ``[B, 3, H, W]`` in [0, 1] whose graph reaches the UNet only through the last steps.
+
+    ``guidance_scales  # [B, T]`` per sample and step (DiffExp schedules), embeddings ``[B, L, D]``.
+    """
+    pipe, unet = context.pipe, context.unet
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(num_steps, device=context.accelerator.device)
+    latents = initial_latents(pipe, prompt_embeds.shape[0], generator)
+    first_with_gradient = num_steps - window.steps
+    for step, timestep in enumerate(scheduler.timesteps):
+        with torch.set_grad_enabled(step >= first_with_gradient):
+
+            def predict(x: torch.Tensor, step: int = step, timestep: torch.Tensor = timestep) -> torch.Tensor:
+                return guided_noise(
+                    unet, x, timestep, prompt_embeds, negative_prompt_embeds, guidance_scales[:, step]
+                )
+
+            if torch.is_grad_enabled() and window.checkpointed:
+                noise_pred = checkpoint(predict, latents, use_reentrant=False)
+            else:
+                noise_pred = predict(latents)
+            latents, _ = ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=eta, generator=generator)
+    return decode_latents(pipe, latents)
+
+
+class AlignProp:
+    """The AlignProp epoch: ``num_batches_per_epoch`` differentiable samples, one update each."""
+
+    def __init__(self, context: TrainContext, config: TrainConfig):
+        self.context = context
+        self.config = config
+
+    @staticmethod
+    def accumulation_steps(config: TrainConfig) -> int:
+        """Micro-steps per optimiser step: one per sampled batch."""
+        return config.train.gradient_accumulation_steps
+
+    def truncation(self, generator: torch.Generator) -> int:
+        """K for the next update: fixed, or uniform on 1..truncation_steps."""
+        section = self.config.alignprop
+        if not section.random_truncation:
+            return section.truncation_steps
+        return int(torch.randint(1, section.truncation_steps + 1, (), generator=generator))
+
+    def run_epoch(self, epoch: int, generator: torch.Generator) -> dict[str, float]:
+        config, context = self.config, self.context
+        sample_config = config.sample
+        rewards, losses, windows = [], [], []
+        context.pipe.unet.train()
+        for _ in range(sample_config.num_batches_per_epoch):
+            per_prompt = sample_config.images_per_prompt
+            drawn = prompt_sets.draw(context.prompts, sample_config.batch_size // per_prompt, generator)
+            prompts = [prompt for prompt in drawn for _ in range(per_prompt)]
+            with torch.no_grad():
+                cond, uncond = encode_prompts(context.pipe, prompts, sample_config.negative_prompt)
+            scales = torch.full((len(prompts), sample_config.num_steps), sample_config.guidance_scale)
+            if context.exploration is not None:
+                explored = context.exploration.explore(prompts, generator)
+                scales, cond = explored.guidance_scales, explored.prompt_embeds.to(cond)
+            window = GradientWindow(self.truncation(generator), config.alignprop.checkpoint_unet)
+            with context.accelerator.accumulate(context.unet):
+                with context.accelerator.autocast():
+                    images = differentiable_sample(
+                        context, cond, uncond, scales.to(cond.device),
+                        num_steps=sample_config.num_steps, eta=sample_config.eta, window=window, generator=generator,
+                    )
+                    scores = checked_call(context.reward, images, prompts)
+                loss = -config.alignprop.reward_scale * scores.mean()
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"AlignProp loss is {loss.item()}; stopping before the update")
+                context.accelerator.backward(loss)
+                clip_and_step(context, config.train.max_grad_norm)
+            rewards.append(scores.detach())
+            losses.append(loss.detach())
+            windows.append(window.steps)
+        all_rewards = context.accelerator.gather(torch.cat(rewards))
+        return {
+            "reward_mean": all_rewards.mean().item(),
+            "reward_std": all_rewards.std(unbiased=False).item(),
+            "samples": int(all_rewards.numel()),
+            "loss": context.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item(),
+            "truncation_steps": sum(windows) / len(windows),
+        }
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """AlignProp keeps no state between epochs beyond the weights and optimiser."""
