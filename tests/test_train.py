@@ -127,14 +127,19 @@ def test_wrong_shape_reward_stops_before_any_update(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_two_processes_gather_rewards_and_write_one_run(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("method=dpok",), ("method=alignprop", "reward=aesthetic", "reward_options={checkpoint: tiny-random}")],
+    ids=["ddpo", "dpok", "alignprop"],
+)
+def test_two_processes_gather_rewards_and_write_one_run(tmp_path, extra):
     """`torchrun --nproc_per_node 2` on CPU: accelerate's gloo backend, one set of outputs."""
     import subprocess
     import sys
 
     out = tmp_path / "mp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign.cli",
-               "train", "--no-progress", *[arg for item in TINY for arg in ("--set", item)],
+               "train", "--no-progress", *[arg for item in (*TINY, *extra) for arg in ("--set", item)],
                "--set", "epochs=1", "--output-dir", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -19,7 +19,7 @@ of the UNet is held in memory.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Iterator
 
 import torch
@@ -68,11 +68,11 @@ class ReplayBuffer:
         self.entries: list[tuple[Trajectory, torch.Tensor]] = []
 
     def mean_reward(self) -> torch.Tensor:
+        """The mean reward over every buffered sample: the constant part of the baseline."""
         return torch.cat([rewards for _, rewards in self.entries]).float().mean()
 
     def add(self, trajectory: Trajectory, rewards: torch.Tensor) -> None:
-        kept = Trajectory(**{f.name: getattr(trajectory, f.name) for f in fields(trajectory)})
-        kept.images = trajectory.images[:, :0]
+        kept = replace(trajectory, images=trajectory.images[:, :0])
         self.entries = (self.entries + [(kept, rewards.detach())])[-self.epochs :]
 
     def draw(self, count: int, generator: torch.Generator) -> tuple[Trajectory, torch.Tensor, torch.Tensor]:
