@@ -1,14 +1,15 @@
 """How much signal is in a policy-gradient estimate? Cosines between independent gradient estimates.
 
 For a fixed LoRA policy on a pipeline, this computes DDPO's score-function gradient
-E[A · Σ_t ∇ log p(x_{t-1} | x_t)] twice from independent batches and reports the cosine between
-the two estimates (1 = every estimate points the same way, 0 = pure noise), with
+E[A · Σ_t ∇ log p(x_{t-1} | x_t)] from several independent batches and reports the mean cosine
+over all pairs of estimates (1 = every estimate points the same way, 0 = pure noise), with
 
 * ``independent`` noise: every image starts from its own x_T (plain DDPO batches), and
 * ``shared`` noise: every image of the batch starts from one x_T (``sample.shared_initial_noise``),
 
 next to AlignProp's pathwise gradient ∇ E[r] through the whole chain (two independent batches as
-well). It is the measurement behind diffalign's grouped, shared-noise policy-gradient batches.
+well). It measures how many samples a policy-gradient method needs before its updates point
+somewhere, which is what decides whether DDPO or DPOK can move a model in a CPU-sized budget.
 
     python -m diffalign.benchmarks.gradient_snr                     # shapes, brightness + shapes-clip, ~2 min
     python -m diffalign.benchmarks.gradient_snr --quick             # tiny-random smoke run
@@ -79,7 +80,16 @@ def pathwise_gradient(pipe, reward, prompts: list[str], *, steps: int, seed: int
     return _flat_grad(pipe)
 
 
-def run(model: str, prompt: str, batch: int, steps: int, reward_names: list[str]) -> dict:
+def mean_pairwise_cosine(estimates: list[torch.Tensor]) -> dict:
+    """Mean and standard deviation of the cosine over every pair of independent estimates."""
+    values = torch.tensor([
+        torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+        for i, a in enumerate(estimates) for b in estimates[i + 1 :]
+    ])
+    return {"mean": values.mean().item(), "std": values.std().item() if len(values) > 1 else 0.0, "pairs": len(values)}
+
+
+def run(model: str, prompt: str, batch: int, steps: int, reward_names: list[str], estimates: int) -> dict:
     torch.manual_seed(0)
     pipe = pipeline.load(model)
     pipeline.add_lora(pipe)
@@ -88,16 +98,16 @@ def run(model: str, prompt: str, batch: int, steps: int, reward_names: list[str]
             if "lora_B" in name:
                 parameter.normal_(0, 0.02)
     prompts = [prompt] * batch
-    cosine = torch.nn.functional.cosine_similarity
-    result = {"model": model, "prompt": prompt, "batch": batch, "steps": steps, "rewards": {}}
+    result = {"model": model, "prompt": prompt, "batch": batch, "steps": steps, "estimates": estimates, "rewards": {}}
+    seeds = range(1, estimates + 1)
     for name in reward_names:
         reward = brightness if name == "brightness" else rewards.build(name)
         entry = {}
         for label, shared in (("independent", False), ("shared", True)):
-            first, second = (policy_gradient(pipe, reward, prompts, steps=steps, shared=shared, seed=s) for s in (1, 2))
-            entry[f"policy_gradient_{label}_noise"] = cosine(first, second, dim=0).item()
-        first, second = (pathwise_gradient(pipe, reward, prompts, steps=steps, seed=s) for s in (3, 4))
-        entry["pathwise"] = cosine(first, second, dim=0).item()
+            grads = [policy_gradient(pipe, reward, prompts, steps=steps, shared=shared, seed=s) for s in seeds]
+            entry[f"policy_gradient_{label}_noise"] = mean_pairwise_cosine(grads)
+        grads = [pathwise_gradient(pipe, reward, prompts, steps=steps, seed=100 + s) for s in seeds]
+        entry["pathwise"] = mean_pairwise_cosine(grads)
         result["rewards"][name] = entry
     return result
 
@@ -108,20 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="two red circles")
     parser.add_argument("--batch", type=int, default=64, help="images per gradient estimate")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--estimates", type=int, default=4, help="independent estimates per kind (all pairs compared)")
     parser.add_argument("--rewards", nargs="+", default=["brightness", "shapes-clip"])
     parser.add_argument("--output", default=str(RESULTS / "gradient_snr.json"))
     parser.add_argument("--quick", action="store_true", help="tiny-random, 8 images, 3 steps, brightness only")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.batch, args.steps, args.rewards = "tiny-random", 8, 3, ["brightness"]
-    result = run(args.model, args.prompt, args.batch, args.steps, args.rewards)
+        args.model, args.batch, args.steps, args.rewards, args.estimates = "tiny-random", 8, 3, ["brightness"], 3
+    result = run(args.model, args.prompt, args.batch, args.steps, args.rewards, args.estimates)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1), "utf-8")
-    print(f"cosine between two independent gradient estimates ({args.batch} images each, {args.model}):")
-    print(f"{'reward':<14} {'PG, own x_T':>12} {'PG, shared x_T':>15} {'pathwise':>10}")
+    print(f"cosine between independent gradient estimates ({args.batch} images each, {args.model}; "
+          f"mean ± std over {result['rewards'][args.rewards[0]]['pathwise']['pairs']} pairs):")
+    print(f"{'reward':<14} {'PG, own x_T':>16} {'PG, shared x_T':>16} {'pathwise':>16}")
     for name, entry in result["rewards"].items():
-        print(f"{name:<14} {entry['policy_gradient_independent_noise']:>12.3f} "
-              f"{entry['policy_gradient_shared_noise']:>15.3f} {entry['pathwise']:>10.3f}")
+        cells = [entry[k] for k in ("policy_gradient_independent_noise", "policy_gradient_shared_noise", "pathwise")]
+        print(f"{name:<14}" + "".join(f"{c['mean']:>10.3f} ± {c['std']:.2f}" for c in cells))
     print(f"wrote {args.output}")
     return 0
 

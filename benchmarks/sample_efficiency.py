@@ -7,7 +7,8 @@ alignment on train and held-out prompts. The study writes
 
 * ``results/sample_efficiency.json`` — every run's curve, per-variant mean and spread,
 * ``results/sample_efficiency.png`` — curves against reward queries (mean, min-max band),
-* a table: queries needed to reach a fixed train-oracle alignment, final values, seconds.
+* a table: queries each seed needed to raise its train-oracle alignment by a fixed amount, the
+  final change of each curve since the base model, seconds per run.
 
     python -m diffalign.benchmarks.sample_efficiency           # 5 variants x 3 seeds, ~45-60 min on 2 cores
     python -m diffalign.benchmarks.sample_efficiency --quick   # smoke run, ~2 min
@@ -57,7 +58,7 @@ class Study:
     eval_every: int = 4
     eval_size: int = 64
     num_steps: int = 20
-    target_gain: float = 0.03  # "reach" = train-oracle alignment at base + this
+    target_gain: float = 0.03  # "reach" = a seed's train-oracle alignment up this much from its base
     extra: list[str] = field(default_factory=list)
 
     def overrides(self, variant: str, seed: int, output_dir: Path) -> list[str]:
@@ -106,23 +107,33 @@ def queries_to_reach(queries: list[int], values: list[float], target: float) -> 
 
 
 def summarise(runs: list[dict], target_gain: float) -> dict:
-    """Per variant: mean/min/max curves, queries to the target alignment, final values, seconds."""
-    base = float(np.mean([run["curves"][TRAIN_ORACLE][0] for run in runs]))
-    target = base + target_gain
-    summary = {"base_train_oracle": base, "target_train_oracle": target, "variants": {}}
+    """Per variant: mean/min/max of each curve's change since that seed's base model, the queries
+    each seed needed to raise its train-oracle alignment by ``target_gain``, final changes, seconds.
+
+    Each seed evaluates its own fixed prompts and noise, so base values differ between seeds;
+    changes since the base are what compare across seeds and variants.
+    """
+    summary = {"target_gain": target_gain, "variants": {}}
     for variant in dict.fromkeys(run["variant"] for run in runs):
         group = [run for run in runs if run["variant"] == variant]
-        curves = {}
-        for key in CURVES.values():
-            values = np.array([run["curves"][key] for run in group])
-            curves[key] = {"mean": values.mean(0).tolist(), "min": values.min(0).tolist(), "max": values.max(0).tolist()}
-        reached = [queries_to_reach(run["queries"], run["curves"][TRAIN_ORACLE], target) for run in group]
+        deltas = {
+            key: np.array([np.array(run["curves"][key]) - run["curves"][key][0] for run in group])
+            for key in CURVES.values()
+        }
         summary["variants"][variant] = {
             "queries": group[0]["queries"],
-            "curves": curves,
-            "queries_to_target": reached,
-            "final": {key: {"mean": float(np.mean([r["curves"][key][-1] for r in group])),
-                            "std": float(np.std([r["curves"][key][-1] for r in group]))} for key in CURVES.values()},
+            "base": {key: float(np.mean([run["curves"][key][0] for run in group])) for key in CURVES.values()},
+            "change": {
+                key: {"mean": d.mean(0).tolist(), "min": d.min(0).tolist(), "max": d.max(0).tolist()}
+                for key, d in deltas.items()
+            },
+            "queries_to_target": [
+                queries_to_reach(run["queries"], deltas[TRAIN_ORACLE][i].tolist(), target_gain)
+                for i, run in enumerate(group)
+            ],
+            "final_change": {
+                key: {"mean": float(d[:, -1].mean()), "std": float(d[:, -1].std())} for key, d in deltas.items()
+            },
             "seconds_mean": float(np.mean([run["seconds"] for run in group])),
         }
     return summary
@@ -137,16 +148,17 @@ def plot(summary: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
     for axis, (title, key) in zip(axes, CURVES.items()):
         for variant, entry in summary["variants"].items():
-            curve, queries = entry["curves"][key], entry["queries"]
-            (line,) = axis.plot(queries, curve["mean"], marker="o", markersize=3, label=variant)
-            axis.fill_between(queries, curve["min"], curve["max"], color=line.get_color(), alpha=0.15)
+            change, queries = entry["change"][key], entry["queries"]
+            (line,) = axis.plot(queries, change["mean"], marker="o", markersize=3, label=variant)
+            axis.fill_between(queries, change["min"], change["max"], color=line.get_color(), alpha=0.12)
         if key == TRAIN_ORACLE:
-            axis.axhline(summary["target_train_oracle"], color="grey", linestyle=":", label="target")
-        axis.set_title(title)
+            axis.axhline(summary["target_gain"], color="grey", linestyle=":", label="target")
+        axis.axhline(0, color="black", linewidth=0.6)
+        axis.set_title(f"{title}: change")
         axis.set_xlabel("reward queries")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle("ShapesWorld, shapes-clip reward: mean over seeds, band = min..max")
+    figure.suptitle("ShapesWorld, shapes-clip reward: change since the base model (mean over seeds, band = min..max)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -154,19 +166,20 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def format_table(summary: dict) -> str:
-    short = {key: name.split(",")[-1].strip().replace(" prompts", "") for name, key in CURVES.items()}
+    names = {"proxy": CURVES["proxy (train prompts)"], "train oracle": TRAIN_ORACLE,
+             "held-out oracle": CURVES["oracle alignment, held-out prompts"]}
     lines = [
-        f"target: train-oracle alignment {summary['target_train_oracle']:.3f} "
-        f"(base {summary['base_train_oracle']:.3f})",
-        f"{'variant':<19} {'queries to target (per seed)':<30} "
-        + " ".join(f"{'final ' + short[key]:>22}" for key in CURVES.values()) + f" {'s/run':>7}",
+        f"queries to target: reward queries until a seed's train-oracle alignment is up {summary['target_gain']:+.3f}"
+        " ('-' = not within the budget); changes are final minus base, mean ± std over seeds",
+        f"{'variant':<19} {'queries to target':<20}" + "".join(f"{'Δ ' + n:>20}" for n in names) + f" {'s/run':>7}",
     ]
     for variant, entry in summary["variants"].items():
         reached = ", ".join("-" if q is None else str(q) for q in entry["queries_to_target"])
-        finals = " ".join(
-            f"{entry['final'][key]['mean']:>15.3f} ± {entry['final'][key]['std']:.3f}" for key in CURVES.values()
+        changes = "".join(
+            f"{entry['final_change'][key]['mean']:>+13.3f} ± {entry['final_change'][key]['std']:.3f}"
+            for key in names.values()
         )
-        lines.append(f"{variant:<19} {reached:<30} {finals} {entry['seconds_mean']:>7.0f}")
+        lines.append(f"{variant:<19} {reached:<20}{changes} {entry['seconds_mean']:>7.0f}")
     return "\n".join(lines)
 
 
@@ -205,7 +218,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra config override applied to every run")
     parser.add_argument("--output", default=str(RESULTS / "sample_efficiency.json"))
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs of 8 samples, 5 steps: a smoke run")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="re-summarise, re-plot and re-print a finished study's JSON without running it")
     args = parser.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text("utf-8"))
+        result["summary"] = summarise(result["runs"], result["study"]["target_gain"])
+        Path(args.from_json).write_text(json.dumps(result, indent=1), "utf-8")
+        plot(result["summary"], Path(args.from_json).with_suffix(".png"))
+        print(format_table(result["summary"]))
+        return 0
     study = Study(seeds=args.seeds, variants=args.variants, epochs=args.epochs, eval_every=args.eval_every,
                   eval_size=args.eval_size, extra=args.set)
     if args.quick:

@@ -59,7 +59,7 @@ class SampleSection:
         4, "images sampled per drawn prompt in a batch, so advantages compare images of the same prompt"
     )
     shared_initial_noise: bool = doc(
-        True, "the images of one prompt start from the same x_T, so their advantages reflect the sampled steps"
+        False, "the images of one prompt start from the same x_T (group-shared noise; see benchmarks/gradient_snr.py)"
     )
 
 

@@ -5,7 +5,6 @@ import torch
 from accelerate import Accelerator
 
 from diffalign import pipeline, rewards
-from diffalign.config import load_config
 from diffalign.optim.base import TrainContext, collect_rollouts
 from diffalign.optim.ddpo import PerPromptStatTracker, ppo_clip_loss
 from diffalign.sampling import ddim_step_with_logprob, guided_noise
@@ -50,8 +49,6 @@ def test_ppo_clip_loss_matches_hand_computation():
 
 def test_importance_ratio_is_exactly_one_before_the_first_update():
     """Re-scoring every stored step in training mode, other batch layout, reproduces the sampler."""
-    config = load_config(None, ["model=tiny-random", "sample.num_steps=5", "sample.batch_size=6", "sample.num_batches_per_epoch=1", "sample.images_per_prompt=2",
-                                "train.batch_size=2"])
     pipe = pipeline.load("tiny-random")
     pipeline.add_lora(pipe)
     accelerator = Accelerator()

@@ -12,20 +12,22 @@ def test_queries_to_reach_is_the_first_evaluated_count_at_the_target():
     assert study_module.queries_to_reach([0, 32], [0.5, 0.52], 0.55) is None
 
 
-def test_summary_takes_mean_and_spread_over_seeds():
+def test_summary_compares_changes_since_each_seeds_base():
     key = study_module.TRAIN_ORACLE
+    # Bases differ by seed (each seed evaluates its own prompts); gains are 0.0, 0.1, 0.2.
     runs = [
-        {"variant": "ddpo", "seed": s, "seconds": 10.0 + s, "queries": [0, 8],
-         "curves": {k: [0.5, 0.5 + 0.1 * s] for k in study_module.CURVES.values()}}
+        {"variant": "ddpo", "seed": s, "seconds": 10.0 + s, "queries": [0, 8, 16],
+         "curves": {k: [0.5 + 0.3 * s, 0.5 + 0.3 * s + 0.05 * s, 0.5 + 0.4 * s] for k in study_module.CURVES.values()}}
         for s in range(3)
     ]
-    summary = study_module.summarise(runs, target_gain=0.15)
+    summary = study_module.summarise(runs, target_gain=0.08)
     entry = summary["variants"]["ddpo"]
-    assert summary["base_train_oracle"] == pytest.approx(0.5)
-    assert entry["curves"][key]["mean"] == pytest.approx([0.5, 0.6])
-    assert entry["curves"][key]["min"] == pytest.approx([0.5, 0.5])
-    assert entry["curves"][key]["max"] == pytest.approx([0.5, 0.7])
-    assert entry["queries_to_target"] == [None, None, 8]
+    assert entry["change"][key]["mean"] == pytest.approx([0.0, 0.05, 0.1])
+    assert entry["change"][key]["min"] == pytest.approx([0.0, 0.0, 0.0])
+    assert entry["change"][key]["max"] == pytest.approx([0.0, 0.1, 0.2])
+    assert entry["queries_to_target"] == [None, 16, 8]
+    assert entry["final_change"][key]["mean"] == pytest.approx(0.1)
+    assert entry["base"][key] == pytest.approx(0.8)
     assert entry["seconds_mean"] == pytest.approx(11.0)
 
 

@@ -54,10 +54,10 @@ def collect_rollouts(
     Each batch holds ``batch_size / images_per_prompt`` drawn prompts, each repeated
     ``images_per_prompt`` times: rewards of one prompt's images are then compared with each
     other, which removes the difference in difficulty between prompts from the advantages.
-    With ``shared_initial_noise`` they also start from one x_T: on ShapesWorld most of the reward
-    variance between images of a prompt comes from x_T, which no policy-gradient action controls,
-    and sharing it raised the cosine between two independent 64-sample DDPO gradient estimates
-    from 0.05 to 0.31 (group-shared initial noise as in DanceGRPO, Xue et al. 2025, arXiv 2505.07818).
+    With ``shared_initial_noise`` they also start from one x_T (the group-shared noise of
+    DanceGRPO, Xue et al. 2025, arXiv 2505.07818), so advantages credit only the sampled steps; it
+    is off by default because on ShapesWorld it did not make gradient estimates more consistent
+    (``benchmarks/gradient_snr.py``).
     Returns the joined ``Trajectory`` and ``rewards  # [N] fp32`` of this process.
     """
     context.pipe.unet.eval()
