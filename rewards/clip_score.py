@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from diffalign.rewards.base import register
+from diffalign.rewards.base import TextEmbeddingCache, candidate_rows, register
 from diffalign.rewards.checkpoints import TINY_RANDOM
 from diffalign.rewards.open_clip_encoder import load_open_clip, pretrained_weights, tiny_open_clip
 
@@ -51,7 +51,17 @@ class ClipScore(nn.Module):
         else:
             weights = pretrained_weights(arch, pretrained, checkpoint, reward=self.name)
             self.encoder = load_open_clip(arch, pretrained, weights)
+        self.text_cache = TextEmbeddingCache(self.encoder.embed_texts)
         self.eval().to(device)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return (self.encoder.embed_images(images) * self.encoder.embed_texts(prompts)).sum(dim=-1)
+
+    def score_candidates(self, images: torch.Tensor, candidates: Sequence[Sequence[str]]) -> torch.Tensor:
+        """``[B, K]`` cosines of each image with each of its K candidate prompts: each image is
+        encoded once, each distinct prompt once per run (a bounded cache)."""
+        flat = candidate_rows(candidates, images.shape[0], self.name)
+        image_embeds = self.encoder.embed_images(images)  # [B, D]
+        text_embeds = self.text_cache(flat, image_embeds.device)  # [B * K, D]
+        text_embeds = text_embeds.view(len(candidates), -1, image_embeds.shape[-1])  # [B, K, D]
+        return torch.einsum("bd,bkd->bk", image_embeds, text_embeds)

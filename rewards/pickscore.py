@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
-from diffalign.rewards.base import RewardError, register
+from diffalign.rewards.base import RewardError, TextEmbeddingCache, candidate_rows, register
 from diffalign.rewards.checkpoints import TINY_RANDOM, MissingCheckpointError, seeded
 from diffalign.rewards.clip_preprocess import ClipImageTransform
 from diffalign.tokenizer import clip_tokenizer
@@ -82,17 +82,31 @@ class PickScore(nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.transform = image_transform(image_processor)
+        self.text_cache = TextEmbeddingCache(self.embed_texts)
         self.eval().to(device)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        cosine = (self.embed_images(images) * self.embed_texts(prompts)).sum(dim=-1)
+        return self.model.logit_scale.exp() * cosine
+
+    def score_candidates(self, images: torch.Tensor, candidates: Sequence[Sequence[str]]) -> torch.Tensor:
+        """``[B, K]`` scores of each image with each of its K candidate prompts: each image is
+        encoded once, each distinct prompt once per run (a bounded cache)."""
+        flat = candidate_rows(candidates, images.shape[0], self.name)
+        image_embeds = self.embed_images(images)  # [B, D]
+        text_embeds = self.text_cache(flat, image_embeds.device)  # [B * K, D]
+        text_embeds = text_embeds.view(len(candidates), -1, image_embeds.shape[-1])  # [B, K, D]
+        return self.model.logit_scale.exp() * torch.einsum("bd,bkd->bk", image_embeds, text_embeds)
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings ``[B, D]``; differentiable with respect to ``images``."""
         logit_scale = self.model.logit_scale
         pixels = self.transform(images.to(device=logit_scale.device, dtype=logit_scale.dtype))
         # Towers and projections called directly: explicit, and the same in transformers 4 and 5.
         image_embeds = self.model.visual_projection(
             self.model.vision_model(pixel_values=pixels).pooler_output
         )
-        text_embeds = self.embed_texts(prompts)
-        return logit_scale.exp() * (F.normalize(image_embeds, dim=-1) * text_embeds).sum(dim=-1)
+        return F.normalize(image_embeds, dim=-1)
 
     @torch.no_grad()
     def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:

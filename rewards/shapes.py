@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffalign.rewards.base import RewardError, register
+from diffalign.rewards.base import RewardError, candidate_rows, register
 
 
 @register(
@@ -66,6 +66,15 @@ class ShapesClip(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return (self.image_embeddings(images) * self.text_embeddings(prompts).to(images.device)).sum(dim=-1)
+
+    def score_candidates(self, images: torch.Tensor, candidates: Sequence[Sequence[str]]) -> torch.Tensor:
+        """``[B, K]`` cosines of each image with each of its K candidate prompts; each image is
+        encoded once (TextNorm scores every image against its prompt and the contrasts)."""
+        flat = candidate_rows(candidates, images.shape[0], self.name)
+        image_embeds = self.image_embeddings(images)  # [B, D]
+        text_embeds = self.text_embeddings(flat).to(images.device)  # [B * K, D]
+        text_embeds = text_embeds.view(len(candidates), -1, image_embeds.shape[-1])  # [B, K, D]
+        return torch.einsum("bd,bkd->bk", image_embeds, text_embeds)
 
 
 @register(
