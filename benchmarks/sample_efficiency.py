@@ -13,23 +13,18 @@ alignment on train and held-out prompts. The study writes
     python -m diffalign.benchmarks.sample_efficiency           # 5 variants x 3 seeds, ~45-60 min on 2 cores
     python -m diffalign.benchmarks.sample_efficiency --quick   # smoke run, ~2 min
 
-Runs execute ``--jobs`` at a time, each with ``cores / jobs`` torch threads (on 2 cores two
-single-threaded runs finish sooner than one two-threaded run after the other, because torch's
-own two threads scale poorly on these small models). From Python: ``run(...)``.
+Runs execute ``--jobs`` at a time (see ``seeded_runs.py``). From Python: ``run(...)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
-import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
+from diffalign.benchmarks import seeded_runs
+from diffalign.benchmarks.seeded_runs import queries_to_reach  # noqa: F401 - part of this study's API
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS: dict[str, list[str]] = {
@@ -76,93 +71,16 @@ class Study:
         ]
 
 
-def _one_run(args: tuple[Study, str, int, str, int]) -> dict:
-    """Train one (variant, seed) and return its evaluated curve; runs in a worker process."""
-    study, variant, seed, folder, threads = args
-    import torch
-
-    torch.set_num_threads(threads)
-    from diffalign.config import load_config
-    from diffalign.train import train
-
-    started = time.perf_counter()
-    config = load_config(None, study.overrides(variant, seed, Path(folder) / f"{variant}-seed{seed}"))
-    history = train(config, progress=False).history
-    evaluated = [record for record in history if TRAIN_ORACLE in record]
-    return {
-        "variant": variant,
-        "seed": seed,
-        "seconds": time.perf_counter() - started,
-        "queries": [record["samples_seen"] for record in evaluated],
-        "curves": {key: [record[key] for record in evaluated] for key in CURVES.values()},
-    }
-
-
-def queries_to_reach(queries: list[int], values: list[float], target: float) -> int | None:
-    """The first evaluated query count at which ``values`` reaches ``target`` (None if never)."""
-    for count, value in zip(queries, values):
-        if value >= target:
-            return count
-    return None
-
-
 def summarise(runs: list[dict], target_gain: float) -> dict:
-    """Per variant: mean/min/max of each curve's change since that seed's base model, the queries
-    each seed needed to raise its train-oracle alignment by ``target_gain``, final changes, seconds.
-
-    Each seed evaluates its own fixed prompts and noise, so base values differ between seeds;
-    changes since the base are what compare across seeds and variants.
-    """
-    summary = {"target_gain": target_gain, "variants": {}}
-    for variant in dict.fromkeys(run["variant"] for run in runs):
-        group = [run for run in runs if run["variant"] == variant]
-        deltas = {
-            key: np.array([np.array(run["curves"][key]) - run["curves"][key][0] for run in group])
-            for key in CURVES.values()
-        }
-        summary["variants"][variant] = {
-            "queries": group[0]["queries"],
-            "base": {key: float(np.mean([run["curves"][key][0] for run in group])) for key in CURVES.values()},
-            "change": {
-                key: {"mean": d.mean(0).tolist(), "min": d.min(0).tolist(), "max": d.max(0).tolist()}
-                for key, d in deltas.items()
-            },
-            "queries_to_target": [
-                queries_to_reach(run["queries"], deltas[TRAIN_ORACLE][i].tolist(), target_gain)
-                for i, run in enumerate(group)
-            ],
-            "final_change": {
-                key: {"mean": float(d[:, -1].mean()), "std": float(d[:, -1].std())} for key, d in deltas.items()
-            },
-            "seconds_mean": float(np.mean([run["seconds"] for run in group])),
-        }
-    return summary
+    """Per variant: changes since each seed's base, queries to ``target_gain`` on the train oracle."""
+    return seeded_runs.summarise(runs, list(CURVES.values()), TRAIN_ORACLE, target_gain)
 
 
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
-    for axis, (title, key) in zip(axes, CURVES.items()):
-        for variant, entry in summary["variants"].items():
-            change, queries = entry["change"][key], entry["queries"]
-            (line,) = axis.plot(queries, change["mean"], marker="o", markersize=3, label=variant)
-            axis.fill_between(queries, change["min"], change["max"], color=line.get_color(), alpha=0.12)
-        if key == TRAIN_ORACLE:
-            axis.axhline(summary["target_gain"], color="grey", linestyle=":", label="target")
-        axis.axhline(0, color="black", linewidth=0.6)
-        axis.set_title(f"{title}: change")
-        axis.set_xlabel("reward queries")
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle("ShapesWorld, shapes-clip reward: change since the base model (mean over seeds, band = min..max)")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    seeded_runs.plot_changes(
+        summary, CURVES, path,
+        "ShapesWorld, shapes-clip reward: change since the base model (mean over seeds, band = min..max)",
+    )
 
 
 def format_table(summary: dict) -> str:
@@ -185,25 +103,11 @@ def format_table(summary: dict) -> str:
 
 def run(study: Study, *, jobs: int = 2, work_dir: str | None = None) -> dict:
     """Run every (variant, seed) of ``study`` and return runs plus summary."""
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // jobs)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=work_dir) as folder:
-        tasks = [(study, variant, seed, folder, threads) for variant in study.variants for seed in study.seeds]
-        if jobs == 1:
-            runs = [_one_run(task) for task in tasks]
-        else:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
-                runs = list(pool.map(_one_run, tasks))
-    return {
-        "study": asdict(study),
-        "jobs": jobs,
-        "threads_per_run": threads,
-        "cpu_count": cores,
-        "wall_seconds": time.perf_counter() - started,
-        "runs": runs,
-        "summary": summarise(runs, study.target_gain),
-    }
+    runs, execution = seeded_runs.run_grid(
+        {name: VARIANTS[name] for name in study.variants}, study.seeds, study.overrides, list(CURVES.values()),
+        jobs=jobs, work_dir=work_dir,
+    )
+    return {"study": asdict(study), **execution, "runs": runs, "summary": summarise(runs, study.target_gain)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -184,6 +184,92 @@ def _add_shapes_commands(commands) -> None:
     train.set_defaults(handler=cmd_shapes_train)
 
 
+def cmd_bench_tia2(args: argparse.Namespace) -> int:
+    from diffalign.benchmarks import tia2
+
+    output = Path(args.output) if args.output else tia2.RESULTS
+    result = tia2.run(
+        args.rewards,
+        args.data,
+        options=_parse_options(args.option or []),
+        subsets=args.subsets,
+        batch_size=args.batch_size,
+        cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+        output=output,
+        progress=not args.no_progress,
+    )
+    print(tia2.format_table(result))
+    print(f"wrote tia2.json, tia2.csv and tia2.png to {output}")
+    return 0
+
+
+def cmd_bench_shapes_tia(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from diffalign.benchmarks import shapes_tia
+
+    names = [f.name for f in fields(shapes_tia.ShapesTiaConfig)]
+    values = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if "guidance_scales" in values:
+        values["guidance_scales"] = tuple(values["guidance_scales"])
+    config = shapes_tia.ShapesTiaConfig(**values)
+    folder = shapes_tia.make(args.output, config, progress=not args.no_progress)
+    print(f"wrote shapes-TIA to {folder} (<subset>.json and <subset>/ per subset, README.md)")
+    return 0
+
+
+def _add_bench_commands(commands) -> None:
+    from dataclasses import fields
+
+    # tia2 itself is imported only to run: scipy and scikit-learn would slow every command.
+    from diffalign.benchmarks import shapes_tia
+
+    bench = commands.add_parser("bench", help="benchmarks of rewards and models")
+    actions = bench.add_subparsers(dest="bench_command", required=True)
+    run = actions.add_parser(
+        "tia2",
+        help="TIA2 (Kim et al. 2024): how well rewards agree with human text-image alignment labels",
+        description="Scores every labelled image with each reward and reports, per subset, the mean over "
+        "prompts of AUROC, AUPRC, precision at 5/10/25, Spearman and Kendall against the labels; writes "
+        "tia2.json, tia2.csv and the bar chart tia2.png. Python: diffalign.benchmarks.tia2.run(...), or "
+        "tia2.evaluate(reward, data) for one reward.",
+    )
+    run.add_argument("--rewards", nargs="+", default=["shapes-clip", "shapes-oracle"], metavar="NAME",
+                     help="registered reward names (see `diffalign rewards`; default: shapes-clip shapes-oracle)")
+    run.add_argument("--data", default=shapes_tia.NAME,
+                     help="folder of TIA2 <subset>.json files (images in <subset>/, images/ or beside them), "
+                     f"one such file, or {shapes_tia.NAME} (built-in, generated on first use; the default)")
+    run.add_argument("--subsets", nargs="+", metavar="SUBSET", help="subsets to evaluate (default: all)")
+    run.add_argument("--option", action="append", metavar="REWARD.KEY=VALUE",
+                     help="reward option, e.g. shapes-clip.checkpoint=/path; repeatable")
+    run.add_argument("--batch-size", type=int, default=64, help="images per reward call")
+    run.add_argument("--output", "-o",
+                     help="folder for tia2.json/.csv/.png (default: the package's benchmarks/results/tia2/)")
+    run.add_argument("--cache-dir", help="score cache folder (default: <data>/.diffalign-scores/)")
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write cached scores")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(handler=cmd_bench_tia2)
+
+    make = actions.add_parser(
+        "shapes-tia",
+        help="write shapes-TIA (the built-in TIA2-format set) to a folder, to inspect or share it",
+        description="Generates ShapesWorld images with the shipped model and labels them with the exact "
+        "detector (plus simulated annotator noise), in TIA2's format. "
+        "Python: diffalign.benchmarks.shapes_tia.make(...).",
+    )
+    make.add_argument("--output", "-o", required=True, help="new (or empty) folder")
+    make.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for spec in fields(shapes_tia.ShapesTiaConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        help_text = f"{spec.metadata['help']} (default {spec.default})"
+        if isinstance(spec.default, tuple):
+            make.add_argument(flag, type=float, nargs="+", help=help_text)
+        else:
+            make.add_argument(flag, type=type(spec.default), help=help_text)
+    make.set_defaults(handler=cmd_bench_shapes_tia)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign", description="Align text-to-image diffusion models with rewards and human feedback."
@@ -236,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.set_defaults(handler=cmd_score)
 
     _add_shapes_commands(commands)
+    _add_bench_commands(commands)
 
     listing = commands.add_parser("rewards", help="list the registered rewards")
     listing.add_argument("--json", action="store_true")

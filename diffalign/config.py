@@ -150,7 +150,9 @@ class TrainConfig:
     method: str = doc("ddpo", "optimisation method: ddpo | dpok | alignprop")
     exploration: str = doc("none", "online sampling exploration: none | diffexp")
     model: str = doc("shapes", "pipeline: built-in name (shapes, tiny-random), local diffusers folder, or cached hub id")
-    reward: str = doc("shapes-clip", "reward name (see `diffalign rewards`)")
+    reward: str = doc(
+        "shapes-clip", "reward name (see `diffalign rewards`), or textnorm(NAME[,NAME...]) for TextNorm calibration"
+    )
     reward_options: dict = doc({}, "keyword options for the reward, e.g. {checkpoint: /path}")
     prompts: str = doc("shapes-train", "built-in prompt set name or a text file with one prompt per line")
     epochs: int = doc(20, "number of epochs (one epoch = sample, reward, update)")
