@@ -22,7 +22,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import nn
 
-from diffalign.rewards.base import RewardError
+from diffalign.rewards.base import RewardError, TextEmbeddingCache, candidate_rows
 from diffalign.rewards.checkpoints import MissingCheckpointError, cached_hub_file, existing_file, seeded
 from diffalign.rewards.clip_preprocess import ClipImageTransform
 
@@ -144,3 +144,20 @@ def tiny_open_clip(*, preprocess: dict | None = None) -> OpenClipEncoder:
     cfg = merge_preprocess_dict(PreprocessCfg(size=TINY_VISION.image_size), preprocess or {})
     set_model_preprocess_cfg(model, cfg)
     return OpenClipEncoder(model, SimpleTokenizer(context_length=TINY_TEXT.context_length))
+
+
+def candidate_cosines(
+    encoder: OpenClipEncoder,
+    text_cache: TextEmbeddingCache,
+    images: torch.Tensor,
+    candidates: Sequence[Sequence[str]],
+    reward: str,
+) -> torch.Tensor:
+    """``[B, K]`` cosines of each image with each of its K candidate prompts, for the open_clip
+    rewards' ``score_candidates``: each image is encoded once, each distinct prompt once per run
+    (``text_cache`` is bounded)."""
+    flat = candidate_rows(candidates, images.shape[0], reward)
+    image_embeds = encoder.embed_images(images)  # [B, D]
+    text_embeds = text_cache(flat, image_embeds.device)  # [B * K, D]
+    text_embeds = text_embeds.view(len(candidates), -1, image_embeds.shape[-1])  # [B, K, D]
+    return torch.einsum("bd,bkd->bk", image_embeds, text_embeds)
