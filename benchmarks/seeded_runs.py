@@ -125,12 +125,13 @@ def plot_changes(summary: dict, curves: dict[str, str], path: Path, title: str) 
 
     figure, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
     for axis, (label, key) in zip(axes[0], curves.items()):
-        for variant, entry in summary["variants"].items():
+        # One colour per variant in every panel, also where a variant lacks a curve.
+        for index, (variant, entry) in enumerate(summary["variants"].items()):
             if key not in entry["change"]:
                 continue
-            change, queries = entry["change"][key], entry["queries"]
-            (line,) = axis.plot(queries, change["mean"], marker="o", markersize=3, label=variant)
-            axis.fill_between(queries, change["min"], change["max"], color=line.get_color(), alpha=0.12)
+            change, queries, colour = entry["change"][key], entry["queries"], f"C{index}"
+            axis.plot(queries, change["mean"], marker="o", markersize=3, label=variant, color=colour)
+            axis.fill_between(queries, change["min"], change["max"], color=colour, alpha=0.12)
         if key == summary["target_key"]:
             axis.axhline(summary["target_gain"], color="grey", linestyle=":", label="target")
         axis.axhline(0, color="black", linewidth=0.6)

@@ -163,9 +163,33 @@ def cmd_shapes_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shapes_train_inpaint(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from diffalign.shapes import assets, inpaint_training
+
+    config_fields = fields(inpaint_training.InpaintTrainingConfig)
+    values = {f.name: getattr(args, f.name) for f in config_fields if getattr(args, f.name) is not None}
+    output = Path(args.output)
+    report = inpaint_training.train_inpainting(
+        inpaint_training.InpaintTrainingConfig(**values), output, fp16=not args.fp32
+    )
+    seconds = report["seconds"]
+    print(f"trained the ShapesWorld inpainting UNet into {output} "
+          f"(training {seconds['train'] / 60:.1f} min, this run {seconds['run'] / 60:.1f} min)")
+    for name, quality in report.get("evaluation", {}).items():
+        print(f"  {name}: oracle success {quality['success']:.3f}, mean score {quality['score']:.3f}, "
+              f"kept-region change {quality['kept_error']:.4f} over {quality['scenes']} edits")
+    if args.install:
+        inpaint_training.install(output / "unet")
+        print(f"installed {output / 'unet'} as the shipped model ({assets.INPAINT_UNET_DIR})")
+    return 0
+
+
 def _add_shapes_commands(commands) -> None:
     from dataclasses import fields
 
+    from diffalign.shapes.inpaint_training import InpaintTrainingConfig
     from diffalign.shapes.training import ShapesTrainingConfig
 
     shapes = commands.add_parser("shapes", help="ShapesWorld: the embedded default world and its models")
@@ -182,6 +206,25 @@ def _add_shapes_commands(commands) -> None:
         flag = "--" + spec.name.replace("_", "-")
         train.add_argument(flag, type=type(spec.default), help=f"default {spec.default}")
     train.set_defaults(handler=cmd_shapes_train)
+
+    inpaint = actions.add_parser(
+        "train-inpaint",
+        help="fine-tune the shipped ShapesWorld UNet into a 9-channel inpainting UNet (shapes-inpaint)",
+        description="Renders train-split scenes and fine-tunes the shipped UNet on random masks "
+        "(SD-inpainting's recipe, scaled down); saves <output>/unet (what ships), <output>/pipeline "
+        "(a standalone diffusers inpainting folder) and training_report.json with the editor's oracle "
+        "scores. Rerun the same command to resume an interrupted run. "
+        "Python: diffalign.shapes.inpaint_training.train_inpainting(config, output).",
+    )
+    inpaint.add_argument("--output", "-o", required=True,
+                         help="folder for unet/, pipeline/ and training_report.json")
+    inpaint.add_argument("--install", action="store_true",
+                         help="then copy <output>/unet into the package, as the model `shapes-inpaint` loads")
+    inpaint.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as shipped)")
+    for spec in fields(InpaintTrainingConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        inpaint.add_argument(flag, type=type(spec.default), help=f"default {spec.default}")
+    inpaint.set_defaults(handler=cmd_shapes_train_inpaint)
 
 
 def cmd_bench_tia2(args: argparse.Namespace) -> int:
@@ -270,6 +313,186 @@ def _add_bench_commands(commands) -> None:
     make.set_defaults(handler=cmd_bench_shapes_tia)
 
 
+def _pixel_units(text: str) -> float:
+    """A value in [0, 1] pixel units, written as a number or as a fraction of 255 ("8/255")."""
+    numerator, slash, denominator = text.partition("/")
+    try:
+        return float(numerator) / float(denominator) if slash else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"expected a number like 0.0314 or a fraction like 8/255, got {text!r}"
+        ) from None
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from diffalign import defenses, images, protection_io
+    from diffalign.inpainting import load_inpainting
+
+    if Path(args.output).suffix.lower() != ".png":
+        raise ValueError(
+            f"the protected image must be a lossless PNG, got -o {args.output!r}: "
+            "JPEG or WebP compression would erase much of the perturbation. Use a .png name."
+        )
+    # Files first: bad input fails before the (slow) model load.
+    image, mask = protection_io.read_image_and_mask(args.image, args.mask, purpose="protect")
+    pipe = load_inpainting(args.model)
+    inputs = protection_io.fit_to_model(pipe, image, mask, purpose="protect")
+    for notice in inputs.notices:
+        print(f"diffalign protect: note: {notice}", file=sys.stderr)
+    options = {"budget": args.budget, "step_size": args.step_size, "steps": args.steps}
+    if args.no_augment:
+        options["augment"] = None
+    with tqdm(total=args.steps, desc=args.method, unit="step", disable=args.no_progress) as bar:
+
+        def progress(step: int, total: int, value: float) -> None:
+            bar.update(step - bar.n)
+            bar.set_postfix(objective=f"{value:.4g}", refresh=False)
+
+        result = defenses.protect(
+            pipe,
+            inputs.image,
+            inputs.mask,
+            method=args.method,
+            generator=torch.Generator().manual_seed(args.seed),
+            progress=progress,
+            **options,
+        )
+    path = images.save_image(result.image, args.output)
+    psnr = protection_io.psnr(inputs.image, images.load_image(path))
+    height, width = result.image.shape[-2:]
+    budget = f"budget {args.budget:.4f} = {args.budget * 255:.3g}/255"
+    print(f"wrote {path} ({width}×{height} px, {args.method}, {budget})")
+    print(
+        f"cost: {result.unet_calls} UNet calls, {result.vae_calls} VAE calls, {result.seconds:.1f} s; "
+        f"PSNR vs the original: {psnr:.2f} dB"
+    )
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    import torch
+
+    from diffalign import images, protection_io
+    from diffalign.inpainting import edit, load_inpainting
+
+    image, mask = protection_io.read_image_and_mask(args.image, args.mask, purpose="keep")
+    pipe = load_inpainting(args.model)
+    inputs = protection_io.fit_to_model(pipe, image, mask, purpose="keep")
+    for notice in inputs.notices:
+        print(f"diffalign edit: note: {notice}", file=sys.stderr)
+    output = edit(
+        pipe,
+        inputs.image,
+        inputs.mask,
+        args.prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    path = images.save_image(output, args.output)
+    print(f"wrote {path}: kept the masked region, repainted the rest from {args.prompt!r}")
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:
+        print(
+            "diffalign app: error: the app needs gradio, an optional dependency. "
+            "Install it with: pip install 'diffalign[app]'",
+            file=sys.stderr,
+        )
+        return 2
+    from diffalign.app import create_app, launch
+    from diffalign.inpainting import load_inpainting
+
+    launch(create_app(load_inpainting(args.model)), host=args.host, port=args.port, share=args.share)
+    return 0
+
+
+def _add_protection_commands(commands) -> None:
+    from diffalign.defenses import METHODS
+    from diffalign.defenses.diffusionguard import BUDGET, STEP_SIZE, STEPS
+
+    model_help = (
+        "inpainting pipeline: a built-in name (shapes-inpaint, the default; tiny-random-inpaint, random "
+        "weights for tests), a diffusers folder or a hub id already in the Hugging Face cache"
+    )
+    sizes = (
+        "Images are processed at the model's working size: models trained at one small resolution "
+        "(ShapesWorld, tiny-random-inpaint) at their native size (UNet sample_size × VAE scale factor), "
+        "others with the longest side capped at 1024 px; sides are rounded to multiples of the VAE factor. "
+        "A mask of another size than the image is resized onto it. Each change is reported."
+    )
+    masks = "mask image of the same scene: white (≥ 50%% grey) = the region to protect, black = the rest"
+    protect = commands.add_parser(
+        "protect",
+        help="protect a region of an image against inpainting edits (DiffusionGuard and baselines)",
+        description="Adds an imperceptible perturbation to the masked region of IMAGE so that an inpainting "
+        "editor that keeps that region and repaints the rest from a prompt fails. Writes a PNG and prints "
+        f"the cost and the PSNR against the original. {sizes} "
+        "Python: diffalign.defenses.protect(pipe, image, mask, method=...).",
+    )
+    protect.add_argument("image", metavar="IMAGE", help="image to protect (PNG, JPEG, WebP, BMP)")
+    protect.add_argument("--mask", required=True, help=masks)
+    protect.add_argument("--output", "-o", required=True, help="protected image, a .png file (lossless)")
+    protect.add_argument("--model", default="shapes-inpaint", help=model_help)
+    protect.add_argument("--method", choices=list(METHODS), default="diffusionguard",
+                         help="diffusionguard (Choi et al. 2025, the default), photoguard (encoder attack, "
+                         "Salman et al. 2023) or advdm (Liang et al. 2023)")
+    protect.add_argument("--budget", type=_pixel_units, default=BUDGET,
+                         help="largest change of a pixel, in [0, 1] pixel units, not 0-255: 8/255 ≈ 0.0314 "
+                         "(the default) lets each protected pixel move by 8 grey levels; '8/255' is accepted")
+    protect.add_argument("--steps", type=int, default=STEPS, help=f"PGD iterations (default {STEPS})")
+    protect.add_argument("--step-size", type=_pixel_units, default=STEP_SIZE,
+                         help="PGD step, in [0, 1] pixel units like --budget and at most it "
+                         "(default 0.5/255 ≈ 0.00196)")
+    protect.add_argument("--no-augment", action="store_true",
+                         help="train against the given mask only (default for diffusionguard: random "
+                         "shrunken masks, so the protection holds for the attacker's own mask)")
+    protect.add_argument("--seed", type=int, default=0, help="seed for noises and mask augmentation")
+    protect.add_argument("--no-progress", action="store_true", help="no progress bar")
+    protect.set_defaults(handler=cmd_protect)
+
+    edit = commands.add_parser(
+        "edit",
+        help="inpainting edit: keep the masked region of an image and repaint the rest from a prompt",
+        description="What an attacker does with a photo, and how to check a protection: the masked region "
+        f"is kept, the rest is regenerated from --prompt. {sizes} "
+        "Python: diffalign.inpainting.edit(pipe, image, keep_mask, prompt).",
+    )
+    edit.add_argument("image", metavar="IMAGE", help="image to edit (PNG, JPEG, WebP, BMP)")
+    edit.add_argument("--mask", required=True, help=masks.replace("protect", "keep"))
+    edit.add_argument("--prompt", required=True, help="what to paint around the kept region")
+    edit.add_argument("--output", "-o", required=True, help="edited image (.png recommended)")
+    edit.add_argument("--model", default="shapes-inpaint", help=model_help)
+    edit.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    edit.add_argument("--guidance", type=float, default=7.5,
+                      help="classifier-free guidance scale (default 7.5)")
+    edit.add_argument("--seed", type=int, default=0, help="seed for the initial noise")
+    edit.set_defaults(handler=cmd_edit)
+
+    app = commands.add_parser(
+        "app",
+        help="web app: protect an image, download it, and compare edits of the original and the protected "
+        "one",
+        description="Starts the Gradio app on this machine only (127.0.0.1) unless --host says otherwise; "
+        "no public link unless --share. Needs the app extra: pip install 'diffalign[app]'. "
+        "Python: diffalign.app.launch(diffalign.app.create_app(pipe)).",
+    )
+    app.add_argument("--model", default="shapes-inpaint", help=model_help)
+    app.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the app to the network)")
+    app.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    app.add_argument("--share", action="store_true",
+                     help="also create a temporary public gradio.live link (off by default)")
+    app.set_defaults(handler=cmd_app)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffalign", description="Align text-to-image diffusion models with rewards and human feedback."
@@ -323,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_shapes_commands(commands)
     _add_bench_commands(commands)
+    _add_protection_commands(commands)
 
     listing = commands.add_parser("rewards", help="list the registered rewards")
     listing.add_argument("--json", action="store_true")
@@ -336,10 +560,12 @@ def main(argv: list[str] | None = None) -> int:
     from diffalign.images import ImageError
     from diffalign.pipeline import PipelineError
     from diffalign.rewards import RewardError
+    from diffalign.shapes.assets import ShapesWeightsError
     from diffalign.train import RunExistsError
 
+    # ShapesWeightsError: shipped weights missing or damaged; its message names the rebuild command.
     expected = (config_module.ConfigError, prompt_sets.PromptSetError, RewardError, PipelineError, ImageError,
-                CheckpointError, RunExistsError, ValueError)
+                CheckpointError, RunExistsError, ShapesWeightsError, ValueError)
     try:
         return args.handler(args)
     except expected as error:

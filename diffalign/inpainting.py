@@ -29,6 +29,7 @@ from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline, UNet2DC
 from diffalign.pipeline import PipelineError, sd_ddim_scheduler, tiny_random_pipeline
 
 TINY_RANDOM_INPAINT = "tiny-random-inpaint"
+SHAPES_INPAINT = "shapes-inpaint"
 
 
 def tiny_random_inpaint_pipeline(seed: int = 0) -> StableDiffusionInpaintPipeline:
@@ -62,9 +63,10 @@ def load_inpainting(
 
     ``spec`` is a pipeline object (a ``StableDiffusionInpaintPipeline``, or any pipeline with
     the same components, which is rebuilt as one), a local pipeline folder, a Hugging Face hub
-    id already in the local cache, or ``tiny-random-inpaint`` (random weights, for tests;
-    ``seed`` picks them). The pipeline keeps its own scheduler: it is the editor's, and the
-    defenses read the attacked timestep from it.
+    id already in the local cache, ``shapes-inpaint`` (the shipped ShapesWorld editor,
+    ``diffalign.shapes.inpaint_training``) or ``tiny-random-inpaint`` (random weights, for
+    tests; ``seed`` picks them). The pipeline keeps its own scheduler: it is the editor's, and
+    the defenses read the attacked timestep from it.
     """
     if isinstance(spec, DiffusionPipeline):
         pipe = spec
@@ -76,6 +78,10 @@ def load_inpainting(
             )
     elif spec == TINY_RANDOM_INPAINT:
         pipe = tiny_random_inpaint_pipeline(seed=seed)
+    elif spec == SHAPES_INPAINT:
+        from diffalign.shapes import assets
+
+        pipe = assets.load_inpainting_pipeline(torch_dtype=torch_dtype)
     else:
         pipe = _from_pretrained(spec, torch_dtype)
     check_inpainting_unet(pipe)

@@ -15,6 +15,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -24,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from diffalign.tokenizer import clip_tokenizer
 
-BUILTIN_SPECS = ("tiny-random", "shapes")
+BUILTIN_SPECS = ("tiny-random", "shapes", "shapes-inpaint")
 # The attention projections of the UNet: the LoRA targets used by DDPO, AlignProp and diffusers' scripts.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -33,13 +34,16 @@ class PipelineError(ValueError):
     """A pipeline could not be loaded or is unsuitable for diffalign."""
 
 
-def load(spec: str, *, torch_dtype: torch.dtype = torch.float32, seed: int = 0) -> StableDiffusionPipeline:
+def load(
+    spec: str, *, torch_dtype: torch.dtype = torch.float32, seed: int = 0
+) -> StableDiffusionPipeline | StableDiffusionInpaintPipeline:
     """Return a ``StableDiffusionPipeline`` with a ``DDIMScheduler``.
 
     ``spec`` is a built-in name (``shapes``: the shipped ShapesWorld model, trained by the
-    project; ``tiny-random``: random weights from small configs, for tests and smoke runs,
-    ``seed`` picks the weights), a local pipeline folder, or a Hugging Face hub id already in
-    the local cache (set ``HF_HUB_OFFLINE=1`` to forbid network look-ups).
+    project; ``shapes-inpaint``: its inpainting editor, a ``StableDiffusionInpaintPipeline``;
+    ``tiny-random``: random weights from small configs, for tests and smoke runs, ``seed``
+    picks the weights), a local pipeline folder, or a Hugging Face hub id already in the
+    local cache (set ``HF_HUB_OFFLINE=1`` to forbid network look-ups).
     """
     if spec == "tiny-random":
         pipe = tiny_random_pipeline(seed=seed)
@@ -47,6 +51,10 @@ def load(spec: str, *, torch_dtype: torch.dtype = torch.float32, seed: int = 0) 
         from diffalign.shapes import assets
 
         pipe = assets.load_pipeline(torch_dtype=torch_dtype)
+    elif spec == "shapes-inpaint":
+        from diffalign.shapes import assets
+
+        pipe = assets.load_inpainting_pipeline(torch_dtype=torch_dtype)
     else:
         pipe = _from_pretrained(spec, torch_dtype)
     pipe.scheduler = _ddim_scheduler_for(pipe)

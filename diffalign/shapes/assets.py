@@ -2,8 +2,11 @@
 
 ``weights/pipeline`` is an ordinary diffusers ``StableDiffusionPipeline`` folder and
 ``weights/clip`` an ordinary ``transformers.CLIPModel`` folder, both fp16 safetensors, so
-they load with plain ``from_pretrained`` too. A missing or damaged file is an error that
-names it and the command that rebuilds the models.
+they load with plain ``from_pretrained`` too. ``weights/inpaint/unet`` holds only the
+9-channel inpainting UNet (``diffalign.shapes.inpaint_training``); its pipeline borrows the
+VAE, text encoder and tokenizer of ``weights/pipeline``, so inpainting adds one UNet to the
+package, not a second copy of everything. A missing or damaged file is an error that names
+it and the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from safetensors import safe_open
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 PIPELINE_DIR = WEIGHTS / "pipeline"
 CLIP_DIR = WEIGHTS / "clip"
+INPAINT_UNET_DIR = WEIGHTS / "inpaint" / "unet"
 REBUILD = "diffalign shapes train --output <folder>  (then copy <folder>/pipeline and <folder>/clip into {weights})"
+REBUILD_INPAINT = "diffalign shapes train-inpaint --output <folder> --install"
 
 _PIPELINE_FILES = (
     "model_index.json",
@@ -30,13 +35,14 @@ _PIPELINE_FILES = (
     "unet/diffusion_pytorch_model.safetensors",
 )
 _CLIP_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
+_UNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 
 class ShapesWeightsError(RuntimeError):
     """A shipped ShapesWorld weight file is missing or unreadable."""
 
 
-def _check(folder: Path, names: tuple[str, ...]) -> None:
+def _check(folder: Path, names: tuple[str, ...], rebuild: str = REBUILD) -> None:
     for name in names:
         path = folder / name
         problem = None
@@ -52,7 +58,7 @@ def _check(folder: Path, names: tuple[str, ...]) -> None:
         if problem:
             raise ShapesWeightsError(
                 f"ShapesWorld weight file {path} {problem}. Reinstall diffalign, or rebuild the models with\n"
-                f"    {REBUILD.format(weights=WEIGHTS)}"
+                f"    {rebuild.format(weights=WEIGHTS)}"
             )
 
 
@@ -73,3 +79,20 @@ def load_clip(folder: Path = CLIP_DIR):
     _check(folder, _CLIP_FILES)
     model = CLIPModel.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
     return model, CLIPTokenizer.from_pretrained(str(folder))
+
+
+def load_inpainting_pipeline(
+    unet_folder: Path | None = None, base: Path = PIPELINE_DIR, torch_dtype: torch.dtype = torch.float32
+):
+    """The ShapesWorld inpainting pipeline: the 9-channel UNet in ``unet_folder`` (default
+    ``INPAINT_UNET_DIR``, read at call time) with the VAE, text encoder, tokenizer and DDIM
+    scheduler of the text-to-image pipeline in ``base``."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    unet_folder = INPAINT_UNET_DIR if unet_folder is None else unet_folder
+    _check(unet_folder, _UNET_FILES, REBUILD_INPAINT)
+    _check(base, _PIPELINE_FILES)
+    unet = UNet2DConditionModel.from_pretrained(str(unet_folder), torch_dtype=torch_dtype)
+    return StableDiffusionInpaintPipeline.from_pretrained(
+        str(base), unet=unet, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+    )
