@@ -262,6 +262,15 @@ def cmd_bench_shapes_tia(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_protection(args: argparse.Namespace) -> int:
+    from diffalign.benchmarks import protection
+
+    result = protection.run(protection.settings_from(args), Path(args.output), progress=not args.no_progress)
+    print(protection.format_table(result))
+    print(f"wrote {args.output} and its figures beside it")
+    return 0
+
+
 def _add_bench_commands(commands) -> None:
     from dataclasses import fields
 
@@ -311,6 +320,18 @@ def _add_bench_commands(commands) -> None:
         else:
             make.add_argument(flag, type=type(spec.default), help=help_text)
     make.set_defaults(handler=cmd_bench_shapes_tia)
+
+    from diffalign.benchmarks import protection
+
+    guard = actions.add_parser(
+        "protection",
+        help="DiffusionGuard, PhotoGuard and AdvDM against ShapesWorld inpainting edits, scored by the oracle",
+        description=protection.__doc__.split("\n\n")[0] + " Protects scenes with each method and budget, "
+        "edits them with seen and unseen masks, after JPEG and with a second editor, and reports edit success, "
+        "PSNR, CLIP directional similarity and cost. Python: diffalign.benchmarks.protection.run(Settings(...)).",
+    )
+    protection.add_arguments(guard)
+    guard.set_defaults(handler=cmd_bench_protection)
 
 
 def _pixel_units(text: str) -> float:

@@ -1,0 +1,436 @@
+"""How well do DiffusionGuard, PhotoGuard and AdvDM protect ShapesWorld images against inpainting edits?
+
+The attacker keeps one object of a two-object scene and asks the shipped inpainting editor
+(``shapes-inpaint``) to draw a different second object next to it; the defender perturbs
+the kept object beforehand. Because the exact oracle scores every edit against its prompt,
+"the edit succeeded" is measured, not estimated. For each method and budget the benchmark
+reports, for the edits of protected images next to those of the same images unprotected
+(same editor noise):
+
+- **edit success**: the share of edits the oracle finds exactly right (the headline; a good
+  protection lowers it), and the oracle's mean score;
+- **PSNR of the protected edit against the unprotected edit** (lower: the protection changed
+  the edit more);
+- **CLIP directional similarity** (Gal et al., 2022) with the ShapesWorld CLIP: the cosine
+  between the image change (edit − original) and the text change (edit prompt − original
+  prompt); lower: the edit follows the instruction less;
+- **imperceptibility**: PSNR of the protected image against the original;
+- **cost**: UNet and VAE passes and seconds per image, measured while protecting.
+
+Edits are made under five conditions: the defender's own mask (*seen*); two *unseen* masks
+the attacker drew differently (the object's bounding box grown by 1-2 px, and a hand-drawn
+lasso around it); the protected image after JPEG re-compression (seen mask); and a second
+editor the defence never saw (*transfer*: diffusers' blended inpainting around the
+4-channel base model, seen mask).
+
+Steps are set so that the three methods cost about the same wall time per image on
+ShapesWorld (PhotoGuard's VAE-only step is ~4x cheaper than a UNet step); the measured
+seconds are in the table, side by side.
+
+    python -m diffalign.benchmarks.protection            # ~15 minutes on 2 CPU cores
+    python -m diffalign.benchmarks.protection --quick    # smoke run, seconds
+
+From Python: ``run(Settings(...))`` returns the dict written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from diffalign import defenses, pipeline, plots
+from diffalign.inpainting import load_inpainting
+from diffalign.shapes import parse, render, scene_for, score
+from diffalign.shapes.grammar import Facts, text
+from diffalign.shapes.inpaint_training import blended_inpainting, object_regions
+from diffalign.shapes.splits import prompts as split_prompts
+from diffalign.shapes.world import Scene
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("diffusionguard", "photoguard", "advdm")
+CONDITIONS = ("seen", "unseen-box", "unseen-lasso", "jpeg", "transfer")
+UNSEEN = ("unseen-box", "unseen-lasso")
+
+
+@dataclass
+class Settings:
+    """One benchmark run. Budgets are in [0, 1] pixel units (8/255 is the papers' budget)."""
+
+    scenes: int = 24
+    edit_seeds: int = 2
+    budgets: list[float] = field(default_factory=lambda: [8 / 255, 32 / 255])
+    # PGD steps per method, for about equal seconds per image (see the module docstring)
+    steps: dict[str, int] = field(default_factory=lambda: {"diffusionguard": 180, "photoguard": 800, "advdm": 150})
+    step_fraction: float = 1 / 16  # PGD step size as a fraction of the budget (0.5/255 at 8/255, as in DiffusionGuard)
+    editor_steps: int = 20  # the attacker's DDIM steps; DiffusionGuard attacks the first of them
+    guidance: float = 5.0
+    jpeg_quality: int = 75
+    seed: int = 0
+
+
+@dataclass
+class Case:
+    """A scene to protect and the edit an attacker wants to make of it."""
+
+    image: torch.Tensor  # [3, H, W] in [0, 1]
+    prompt: str  # what the scene shows
+    edit_prompt: str  # the attacker's prompt: the kept object, a different second object, the same relation
+    masks: dict[str, torch.Tensor]  # "seen" (the defender's), "unseen-box", "unseen-lasso"; [1, H, W], 1 = kept
+
+
+def _dilate(region: np.ndarray, pixels: int) -> np.ndarray:
+    return ndimage.binary_dilation(region, iterations=pixels) if pixels else region
+
+
+def box_mask(region: np.ndarray, margin: int) -> np.ndarray:
+    """The bounding box of ``region  # [H, W] bool``, grown by ``margin`` pixels (clipped to the image)."""
+    rows, columns = np.nonzero(region)
+    mask = np.zeros_like(region)
+    height, width = region.shape
+    mask[max(rows.min() - margin, 0) : min(rows.max() + margin + 1, height),
+         max(columns.min() - margin, 0) : min(columns.max() + margin + 1, width)] = True
+    return mask
+
+
+def lasso_mask(region: np.ndarray, rng: np.random.Generator, vertices: int = 10) -> np.ndarray:
+    """A hand-drawn-like loop around ``region``: a polygon around its centroid, with vertices at
+    jittered, roughly even angles and radii of the region's reach times a random 1.0-1.3, so
+    it is looser than the object in places and may clip its far corners."""
+    rows, columns = np.nonzero(region)
+    centre_y, centre_x = rows.mean(), columns.mean()
+    reach = np.sqrt((rows - centre_y) ** 2 + (columns - centre_x) ** 2).max() + 0.5
+    spacing = 2 * math.pi / vertices
+    angles = np.arange(vertices) * spacing + rng.uniform(-0.3, 0.3, vertices) * spacing
+    radii = reach * rng.uniform(1.0, 1.3, vertices)
+    scale = 4  # draw supersampled, then keep pixels at least half covered
+    points = [((centre_x + 0.5 + r * math.cos(a)) * scale, (centre_y + 0.5 + r * math.sin(a)) * scale)
+              for a, r in zip(angles, radii)]
+    canvas = Image.new("L", (region.shape[1] * scale, region.shape[0] * scale), 0)
+    ImageDraw.Draw(canvas).polygon(points, fill=255)
+    return np.asarray(canvas.reduce(scale)) >= 128
+
+
+def edit_prompt(facts: Facts, kept: int, rng: np.random.Generator, pool: list[Facts]) -> str:
+    """The attacker's prompt: same relation and kept object, another train-split second object."""
+    candidates = [
+        other for other in pool
+        if other.relations == facts.relations
+        and other.entities[kept] == facts.entities[kept]
+        and other.entities[1 - kept] != facts.entities[1 - kept]
+    ]
+    return text(candidates[rng.integers(len(candidates))])
+
+
+def make_cases(count: int, seed: int = 0, size: int = 32) -> list[Case]:
+    """``count`` train-split relation scenes, each with one object (at random) protected."""
+    rng = np.random.default_rng(seed)
+    pool = [parse(p) for p in split_prompts("train", "relation")]
+    cases = []
+    while len(cases) < count:
+        facts = pool[rng.integers(len(pool))]
+        scene = scene_for(facts, rng)
+        kept = int(rng.integers(2))
+        region = object_regions(render(Scene((scene.objects[kept],)), size)) > 0
+        masks = {
+            "seen": _dilate(region, 1),
+            "unseen-box": box_mask(region, int(rng.integers(1, 3))),
+            "unseen-lasso": lasso_mask(region, rng),
+        }
+        image = torch.from_numpy(np.array(render(scene, size))).permute(2, 0, 1).float() / 255
+        cases.append(Case(
+            image=image,
+            prompt=text(facts),
+            edit_prompt=edit_prompt(facts, kept, rng, pool),
+            masks={name: torch.from_numpy(mask)[None].float() for name, mask in masks.items()},
+        ))
+    return cases
+
+
+def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """``image  # [3, H, W]`` saved as JPEG at ``quality`` and read back."""
+    buffer = io.BytesIO()
+    plots.to_pil(image).save(buffer, format="JPEG", quality=quality)
+    array = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two ``[..., 3, H, W]`` images in [0, 1] (per image, then the mean)."""
+    error = ((a.float() - b.float()) ** 2).flatten(-3).mean(-1).clamp_min(1e-10)
+    return float((-10 * torch.log10(error)).mean())
+
+
+class Editors:
+    """The attacker's two editors, run batched from seeded noise, identical for every method."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.inpaint = load_inpainting("shapes-inpaint")
+        self.blended = blended_inpainting(pipeline.load("shapes"))
+        for pipe in (self.inpaint, self.blended):
+            pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def edit(self, condition: str, images: list[torch.Tensor], cases: list[Case]) -> torch.Tensor:
+        """Edits ``[seeds, N, 3, H, W]`` of ``images`` under ``condition``; seed s is the same noise in every call."""
+        mask_name = condition if condition in UNSEEN else "seen"
+        pipe = self.blended if condition == "transfer" else self.inpaint
+        if condition == "jpeg":
+            images = [jpeg(image, self.settings.jpeg_quality) for image in images]
+        keep = torch.stack([case.masks[mask_name] for case in cases])
+        outputs = []
+        for seed in range(self.settings.edit_seeds):
+            result = pipe(
+                prompt=[case.edit_prompt for case in cases],
+                image=torch.stack(images),
+                mask_image=1 - keep,
+                height=images[0].shape[-2],
+                width=images[0].shape[-1],
+                num_inference_steps=self.settings.editor_steps,
+                guidance_scale=self.settings.guidance,
+                generator=torch.Generator().manual_seed(1000 + seed),
+                output_type="pt",
+            )
+            outputs.append(result.images.float().cpu())
+        return torch.stack(outputs)
+
+
+class DirectionalSimilarity:
+    """CLIP directional similarity with the ShapesWorld CLIP: cos(ΔI, ΔT) per edit."""
+
+    def __init__(self):
+        from diffalign.rewards.shapes import ShapesClip
+
+        self.clip = ShapesClip()
+
+    @torch.no_grad()
+    def __call__(self, edits: torch.Tensor, cases: list[Case]) -> float:
+        originals = self.clip.image_embeddings(torch.stack([case.image for case in cases]))
+        text_change = (self.clip.text_embeddings([c.edit_prompt for c in cases])
+                       - self.clip.text_embeddings([c.prompt for c in cases]))
+        values = [
+            torch.nn.functional.cosine_similarity(self.clip.image_embeddings(seed_edits) - originals, text_change)
+            for seed_edits in edits
+        ]
+        return float(torch.cat(values).mean())
+
+
+def edit_metrics(edits: torch.Tensor, reference: torch.Tensor, cases: list[Case],
+                 directional: DirectionalSimilarity) -> dict[str, float]:
+    """Oracle success and score of ``edits  # [seeds, N, 3, H, W]``, their PSNR against ``reference`` edits."""
+    scores = np.array([[score(image, case.edit_prompt) for image, case in zip(seed_edits, cases)]
+                       for seed_edits in edits])
+    return {
+        "success": float((scores == 1).mean()),
+        "oracle": float(scores.mean()),
+        "psnr_vs_unprotected_edit": psnr(edits, reference),
+        "clip_directional": directional(edits, cases),
+    }
+
+
+@torch.no_grad()
+def conditioning_leverage(pipe, cases: list[Case], timesteps: tuple[int, ...] = (951, 751, 501, 251),
+                          noises: int = 8) -> dict[str, float]:
+    """How much the kept region steers the editor at each timestep: ``‖ε̂(kept) − ε̂(grey)‖ / ‖ε̂‖``.
+
+    DiffusionGuard can only push the noise prediction through the kept region's conditioning,
+    so this ratio at the attacked timestep bounds its leverage on an editor.
+    """
+    from diffalign.inpainting import encode_text, inpainting_condition, inpainting_unet
+
+    prompt_embeds = encode_text(pipe, "")
+    factor = pipe.vae_scale_factor
+    size = cases[0].image.shape[-1] // factor
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(noises, pipe.vae.config.latent_channels, size, size, generator=generator)
+    leverage = {}
+    for timestep in timesteps:
+        ratios = []
+        for case in cases:
+            image, keep = case.image[None], case.masks["seen"][None]
+            kept = inpainting_unet(pipe, latents, timestep, inpainting_condition(pipe, image, keep), prompt_embeds)
+            grey = inpainting_condition(pipe, torch.full_like(image, 0.5), keep)
+            blank = inpainting_unet(pipe, latents, timestep, grey, prompt_embeds)
+            ratios.append(float((kept - blank).flatten(1).norm(dim=1).mean() / kept.flatten(1).norm(dim=1).mean()))
+        leverage[str(timestep)] = float(np.mean(ratios))
+    return leverage
+
+
+def protect_all(editors: Editors, cases: list[Case], method: str, budget: float, settings: Settings,
+                progress: bool) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Protect every case's seen region; the protected images and the mean cost per image."""
+    images, costs = [], []
+    steps = settings.steps[method]
+    for index, case in enumerate(tqdm(cases, desc=f"{method} {budget * 255:.0f}/255", disable=not progress)):
+        result = defenses.protect(
+            editors.inpaint, case.image, case.masks["seen"], method=method, budget=budget,
+            step_size=budget * settings.step_fraction, steps=steps,
+            generator=torch.Generator().manual_seed(settings.seed + index),
+            **({"editor_steps": settings.editor_steps} if method == "diffusionguard" else {}),
+        )
+        images.append(result.image)
+        costs.append((result.unet_calls, result.vae_calls, result.seconds))
+    unet, vae, seconds = np.mean(costs, axis=0)
+    originals = torch.stack([case.image for case in cases])
+    protected = torch.stack(images)
+    return images, {
+        "steps": steps, "unet_passes": float(unet), "vae_passes": float(vae), "seconds": float(seconds),
+        "psnr_vs_original": psnr(protected, originals),
+        "linf_255": float((protected - originals).abs().max() * 255),
+    }
+
+
+def run(settings: Settings, output: Path | None = RESULTS / "protection.json", progress: bool = True) -> dict:
+    """Protect, edit and score; writes JSON and figures beside ``output`` when given."""
+    started = time.perf_counter()
+    cases = make_cases(settings.scenes, settings.seed)
+    editors, directional = Editors(settings), DirectionalSimilarity()
+    originals = [case.image for case in cases]
+    unprotected = {condition: editors.edit(condition, originals, cases) for condition in CONDITIONS}
+    result: dict = {
+        "settings": asdict(settings),
+        "unprotected": {c: edit_metrics(e, e, cases, directional) for c, e in unprotected.items()},
+        "budgets": {},
+        "examples": [{"prompt": c.prompt, "edit_prompt": c.edit_prompt} for c in cases[:4]],
+        "conditioning_leverage": conditioning_leverage(editors.inpaint, cases),
+    }
+    examples: dict[str, torch.Tensor] = {}
+    for budget in settings.budgets:
+        per_method = {}
+        for method in METHODS:
+            protected, cost = protect_all(editors, cases, method, budget, settings, progress)
+            conditions = {}
+            for condition in CONDITIONS:
+                edits = editors.edit(condition, protected, cases)
+                conditions[condition] = edit_metrics(edits, unprotected[condition], cases, directional)
+                if condition == "seen" and budget == settings.budgets[0]:
+                    examples[method] = torch.stack([torch.stack(protected[:4]), edits[0, :4]])
+            conditions["unseen"] = {key: float(np.mean([conditions[c][key] for c in UNSEEN]))
+                                    for key in conditions["seen"]}
+            per_method[method] = {"cost": cost, "conditions": conditions}
+        result["budgets"][f"{budget * 255:.0f}/255"] = per_method
+    result["torch_threads"] = torch.get_num_threads()
+    result["seconds"] = time.perf_counter() - started
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(result, indent=2), "utf-8")
+        save_figure(result, output.with_suffix(".png"))
+        save_examples(cases[:4], unprotected["seen"][0, :4], examples, output.with_name(output.stem + "_examples.png"))
+    return result
+
+
+def save_figure(result: dict, path: Path) -> Path:
+    """Edit success per condition: unprotected, then each method, one panel per budget."""
+    budgets = list(result["budgets"])
+    figure, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 3.6), squeeze=False, sharey=True)
+    width = 0.8 / (len(METHODS) + 1)
+    positions = np.arange(len(CONDITIONS))
+    for axis, budget in zip(axes[0], budgets):
+        bars: list[tuple[str, Callable[[str], float]]] = [
+            ("unprotected", lambda c: result["unprotected"][c]["success"])]
+        methods = result["budgets"][budget]
+        bars += [(m, lambda c, m=m, methods=methods: methods[m]["conditions"][c]["success"]) for m in METHODS]
+        for index, (label, value) in enumerate(bars):
+            axis.bar(positions + (index - len(METHODS) / 2) * width, [value(c) for c in CONDITIONS], width,
+                     label=label)
+        axis.set_xticks(positions, CONDITIONS, fontsize=8)
+        axis.set_title(f"budget {budget}", fontsize=9)
+        axis.set_ylabel("edit success (oracle: exactly right)")
+        axis.set_ylim(0, 1)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle("ShapesWorld protection benchmark: edit success, lower is better protection "
+                    "(editor shapes-inpaint; transfer: blended base)", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def save_examples(cases: list[Case], clean_edits: torch.Tensor, examples: dict[str, torch.Tensor], path: Path) -> Path:
+    """Per scene: original, its edit, then each method's protected image and its edit (first budget, seen mask)."""
+    images, captions = [], []
+    for index, case in enumerate(cases):
+        images += [case.image, clean_edits[index]]
+        captions += [f"original: {case.prompt}", f"edit: {case.edit_prompt}"]
+        for method, (protected, edits) in examples.items():
+            images += [protected[index], edits[index]]
+            captions += [f"{method}", f"edit of {method}"]
+    columns = 2 + 2 * len(examples)
+    return plots.save_grid(torch.stack(images), captions, path, columns=columns,
+                           title="ShapesWorld protection: original and protected images with their edits")
+
+
+def format_table(result: dict) -> str:
+    """The README table: per budget and method, cost, imperceptibility, and success per condition."""
+    header = (f"{'budget':<7} {'method':<15} {'steps':>5} {'UNet':>5} {'VAE':>5} {'s/img':>6} {'PSNR':>5} "
+              + "".join(f"{c:>13}" for c in ("seen", "unseen", "jpeg", "transfer")))
+    lines = ["edit success (oracle exact; unprotected in the first row), lower is better", header]
+    base = result["unprotected"]
+    unseen = np.mean([base[c]["success"] for c in UNSEEN])
+    lines.append(f"{'':<7} {'unprotected':<15} {'':>5} {'':>5} {'':>5} {'':>6} {'':>5} "
+                 f"{base['seen']['success']:13.3f}{unseen:13.3f}{base['jpeg']['success']:13.3f}"
+                 f"{base['transfer']['success']:13.3f}")
+    for budget, methods in result["budgets"].items():
+        for method, entry in methods.items():
+            cost, conditions = entry["cost"], entry["conditions"]
+            lines.append(
+                f"{budget:<7} {method:<15} {cost['steps']:>5} {cost['unet_passes']:>5.0f} {cost['vae_passes']:>5.0f} "
+                f"{cost['seconds']:>6.1f} {cost['psnr_vs_original']:>5.1f} "
+                + "".join(f"{conditions[c]['success']:13.3f}" for c in ("seen", "unseen", "jpeg", "transfer"))
+            )
+    leverage = ", ".join(f"t={t}: {v:.3f}" for t, v in result["conditioning_leverage"].items())
+    lines.append(f"editor's dependence on the kept region, ‖Δε̂‖/‖ε̂‖: {leverage}")
+    lines.append(f"{result['settings']['scenes']} scenes x {result['settings']['edit_seeds']} editor seeds; "
+                 f"{result['seconds'] / 60:.1f} min, {result['torch_threads']} torch threads")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m diffalign.benchmarks.protection`` and ``diffalign bench protection``."""
+    parser.add_argument("--scenes", type=int, default=Settings.scenes, help="scenes protected and edited")
+    parser.add_argument("--edit-seeds", type=int, default=Settings.edit_seeds, help="editor noises per scene")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[8, 32], metavar="B",
+                        help="L∞ budgets in 1/255 units (default: 8 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and of the PGD noise")
+    parser.add_argument("--output", "-o", default=str(RESULTS / "protection.json"),
+                        help="JSON file; the figures are written beside it")
+    parser.add_argument("--quick", action="store_true", help="2 scenes, 1 budget, 3 PGD and 4 editor steps")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if args.quick:
+        return Settings(scenes=2, edit_seeds=1, budgets=[8 / 255], editor_steps=4, seed=args.seed,
+                        steps={"diffusionguard": 3, "photoguard": 3, "advdm": 3})
+    return Settings(scenes=args.scenes, edit_seeds=args.edit_seeds, budgets=[b / 255 for b in args.budgets],
+                    seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    result = run(settings_from(args), Path(args.output), progress=not args.no_progress)
+    print(format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
