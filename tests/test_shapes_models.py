@@ -71,7 +71,7 @@ def test_shapes_oracle_reward():
     oracle = rewards.build("shapes-oracle")
     rng = np.random.default_rng(0)
     prompts = ["a red circle", "two blue squares", "a green circle left of a yellow triangle"]
-    images = torch.stack([torch.from_numpy(render(scene_for(parse(p), rng))).permute(2, 0, 1) / 255 for p in prompts])
+    images = torch.stack([torch.from_numpy(np.array(render(scene_for(parse(p), rng)))).permute(2, 0, 1) / 255 for p in prompts])
     assert oracle(images.float(), prompts).tolist() == [1.0, 1.0, 1.0]
     swapped = ["a blue circle", "three blue squares", "a green circle right of a yellow triangle"]
     assert (oracle(images.float(), swapped) < 1).all()
