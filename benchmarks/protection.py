@@ -78,7 +78,10 @@ class Settings:
     # PGD steps per method, for about equal seconds per image (see the module docstring)
     steps: dict[str, int] = field(default_factory=lambda: {"diffusionguard": 180, "photoguard": 800, "advdm": 150})
     step_fraction: float = 1 / 16  # PGD step size as a fraction of the budget (0.5/255 at 8/255, as in DiffusionGuard)
-    editor_steps: int = 20  # the attacker's DDIM steps; DiffusionGuard attacks the first of them
+    editor_steps: int = 20  # the attacker's DDIM steps
+    # the schedule DiffusionGuard assumes: it attacks that schedule's first timestep (None: the attacker's)
+    guard_editor_steps: int | None = None
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
     guidance: float = 5.0
     jpeg_quality: int = 75
     seed: int = 0
@@ -282,7 +285,8 @@ def protect_all(editors: Editors, cases: list[Case], method: str, budget: float,
             editors.inpaint, case.image, case.masks["seen"], method=method, budget=budget,
             step_size=budget * settings.step_fraction, steps=steps,
             generator=torch.Generator().manual_seed(settings.seed + index),
-            **({"editor_steps": settings.editor_steps} if method == "diffusionguard" else {}),
+            **({"editor_steps": settings.guard_editor_steps or settings.editor_steps}
+               if method == "diffusionguard" else {}),
         )
         images.append(result.image)
         costs.append((result.unet_calls, result.vae_calls, result.seconds))
@@ -313,7 +317,7 @@ def run(settings: Settings, output: Path | None = RESULTS / "protection.json", p
     examples: dict[str, torch.Tensor] = {}
     for budget in settings.budgets:
         per_method = {}
-        for method in METHODS:
+        for method in settings.methods:
             protected, cost = protect_all(editors, cases, method, budget, settings, progress)
             conditions = {}
             for condition in CONDITIONS:
@@ -339,15 +343,16 @@ def save_figure(result: dict, path: Path) -> Path:
     """Edit success per condition: unprotected, then each method, one panel per budget."""
     budgets = list(result["budgets"])
     figure, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 3.6), squeeze=False, sharey=True)
-    width = 0.8 / (len(METHODS) + 1)
+    methods_run = result["settings"]["methods"]
+    width = 0.8 / (len(methods_run) + 1)
     positions = np.arange(len(CONDITIONS))
     for axis, budget in zip(axes[0], budgets):
         bars: list[tuple[str, Callable[[str], float]]] = [
             ("unprotected", lambda c: result["unprotected"][c]["success"])]
         methods = result["budgets"][budget]
-        bars += [(m, lambda c, m=m, methods=methods: methods[m]["conditions"][c]["success"]) for m in METHODS]
+        bars += [(m, lambda c, m=m, methods=methods: methods[m]["conditions"][c]["success"]) for m in methods_run]
         for index, (label, value) in enumerate(bars):
-            axis.bar(positions + (index - len(METHODS) / 2) * width, [value(c) for c in CONDITIONS], width,
+            axis.bar(positions + (index - len(methods_run) / 2) * width, [value(c) for c in CONDITIONS], width,
                      label=label)
         axis.set_xticks(positions, CONDITIONS, fontsize=8)
         axis.set_title(f"budget {budget}", fontsize=9)
@@ -411,6 +416,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and of the PGD noise")
     parser.add_argument("--output", "-o", default=str(RESULTS / "protection.json"),
                         help="JSON file; the figures are written beside it")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
+    parser.add_argument("--guard-editor-steps", type=int, metavar="N",
+                        help="DiffusionGuard attacks the first timestep of an N-step schedule "
+                        "(default: the attacker's 20; the reference code assumes 4, i.e. t=751)")
     parser.add_argument("--quick", action="store_true", help="2 scenes, 1 budget, 3 PGD and 4 editor steps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -418,9 +427,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.quick:
         return Settings(scenes=2, edit_seeds=1, budgets=[8 / 255], editor_steps=4, seed=args.seed,
-                        steps={"diffusionguard": 3, "photoguard": 3, "advdm": 3})
+                        steps={"diffusionguard": 3, "photoguard": 3, "advdm": 3}, methods=args.methods)
     return Settings(scenes=args.scenes, edit_seeds=args.edit_seeds, budgets=[b / 255 for b in args.budgets],
-                    seed=args.seed)
+                    seed=args.seed, methods=args.methods, guard_editor_steps=args.guard_editor_steps)
 
 
 def main(argv: list[str] | None = None) -> int:

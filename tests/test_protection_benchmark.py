@@ -110,3 +110,16 @@ def test_quick_benchmark_writes_table_json_and_figures(tmp_path, capsys):
     assert all(0 < value < 1 for value in result["conditioning_leverage"].values())
     assert (tmp_path / "protection.png").stat().st_size > 0
     assert (tmp_path / "protection_examples.png").stat().st_size > 0
+
+
+def test_command_line_settings():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    protection.add_arguments(parser)
+    settings = protection.settings_from(parser.parse_args(
+        ["--budgets", "4", "16", "--methods", "diffusionguard", "--guard-editor-steps", "4"]))
+    assert settings.budgets == pytest.approx([4 / 255, 16 / 255])
+    assert settings.methods == ["diffusionguard"] and settings.guard_editor_steps == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--methods", "glaze"])
