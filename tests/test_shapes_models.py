@@ -92,7 +92,7 @@ def test_shapes_clip_is_differentiable_and_prefers_the_right_caption():
     reward = rewards.build("shapes-clip")
     rng = np.random.default_rng(1)
     prompts = ["a red circle", "a blue square", "a yellow triangle", "a cyan circle"]
-    images = torch.stack([torch.from_numpy(render(scene_for(parse(p), rng))).permute(2, 0, 1) / 255
+    images = torch.stack([torch.from_numpy(np.array(render(scene_for(parse(p), rng)))).permute(2, 0, 1) / 255
                           for p in prompts]).float().requires_grad_(True)
     matched = reward(images, prompts)
     matched.sum().backward()
