@@ -9,13 +9,20 @@ reports, for the edits of protected images next to those of the same images unpr
 
 - **edit success**: the share of edits the oracle finds exactly right (the headline; a good
   protection lowers it), and the oracle's mean score;
+- **kept in place** and **faithful success**: the share of edits in which the protected object
+  is still where it was (same colour and shape, centre within ``KEPT_TOLERANCE``), and the share
+  that are exactly right *and* keep it in place: the attacker wants *this* object in a new
+  scene, which the prompt alone cannot give;
 - **PSNR of the protected edit against the unprotected edit** (lower: the protection changed
   the edit more);
 - **CLIP directional similarity** (Gal et al., 2022) with the ShapesWorld CLIP: the cosine
   between the image change (edit − original) and the text change (edit prompt − original
   prompt); lower: the edit follows the instruction less;
 - **imperceptibility**: PSNR of the protected image against the original;
-- **cost**: UNet and VAE passes and seconds per image, measured while protecting.
+- **cost**: UNet and VAE passes and seconds per image, measured while protecting;
+- **what the editor sees**: how far each protection moved the masked-image latents the editor
+  reads (relative to the whole kept object's latents) and how much it raised the norm of the
+  editor's noise prediction at the first timestep (DiffusionGuard's objective).
 
 Edits are made under five conditions: the defender's own mask (*seen*); two *unseen* masks
 the attacker drew differently (the object's bounding box grown by 1-2 px, and a hand-drawn
@@ -27,7 +34,7 @@ Steps are set so that the three methods cost about the same wall time per image 
 ShapesWorld (PhotoGuard's VAE-only step is ~4x cheaper than a UNet step); the measured
 seconds are in the table, side by side.
 
-    python -m diffalign.benchmarks.protection            # ~15 minutes on 2 CPU cores
+    python -m diffalign.benchmarks.protection            # ~27 minutes on 2 CPU cores
     python -m diffalign.benchmarks.protection --quick    # smoke run, seconds
 
 From Python: ``run(Settings(...))`` returns the dict written as JSON.
@@ -55,17 +62,20 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from diffalign import defenses, pipeline, plots
-from diffalign.inpainting import load_inpainting
-from diffalign.shapes import parse, render, scene_for, score
+from diffalign.inpainting import encode_text, inpainting_condition, inpainting_unet, load_inpainting
+from diffalign.shapes import detect, parse, render, scene_for, score
 from diffalign.shapes.grammar import Facts, text
 from diffalign.shapes.inpaint_training import blended_inpainting, object_regions
 from diffalign.shapes.splits import prompts as split_prompts
-from diffalign.shapes.world import Scene
+from diffalign.shapes.world import Obj, Scene
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("diffusionguard", "photoguard", "advdm")
 CONDITIONS = ("seen", "unseen-box", "unseen-lasso", "jpeg", "transfer")
 UNSEEN = ("unseen-box", "unseen-lasso")
+# How far (fraction of the image side, ~2 px at 32) the kept object's centre may move in an edit
+# and still count as kept in place; a redrawn object lands within 1 px of where it was.
+KEPT_TOLERANCE = 0.07
 
 
 @dataclass
@@ -95,6 +105,7 @@ class Case:
     prompt: str  # what the scene shows
     edit_prompt: str  # the attacker's prompt: the kept object, a different second object, the same relation
     masks: dict[str, torch.Tensor]  # "seen" (the defender's), "unseen-box", "unseen-lasso"; [1, H, W], 1 = kept
+    kept: Obj  # the protected object, as the scene placed it
 
 
 def _dilate(region: np.ndarray, pixels: int) -> np.ndarray:
@@ -161,6 +172,7 @@ def make_cases(count: int, seed: int = 0, size: int = 32) -> list[Case]:
             prompt=text(facts),
             edit_prompt=edit_prompt(facts, kept, rng, pool),
             masks={name: torch.from_numpy(mask)[None].float() for name, mask in masks.items()},
+            kept=scene.objects[kept],
         ))
     return cases
 
@@ -234,45 +246,97 @@ class DirectionalSimilarity:
         return float(torch.cat(values).mean())
 
 
+def kept_in_place(image: torch.Tensor, obj: Obj) -> bool:
+    """Whether the detector finds ``obj``'s colour and shape in ``image`` within ``KEPT_TOLERANCE`` of its centre."""
+    return any(found.colour == obj.colour and found.shape == obj.shape
+               and abs(found.x - obj.x) < KEPT_TOLERANCE and abs(found.y - obj.y) < KEPT_TOLERANCE
+               for found in detect(image))
+
+
 def edit_metrics(edits: torch.Tensor, reference: torch.Tensor, cases: list[Case],
                  directional: DirectionalSimilarity) -> dict[str, float]:
-    """Oracle success and score of ``edits  # [seeds, N, 3, H, W]``, their PSNR against ``reference`` edits."""
+    """Oracle success and score of ``edits  # [seeds, N, 3, H, W]``, whether they keep the
+    protected object in place, and their PSNR against ``reference`` edits."""
     scores = np.array([[score(image, case.edit_prompt) for image, case in zip(seed_edits, cases)]
                        for seed_edits in edits])
+    kept = np.array([[kept_in_place(image, case.kept) for image, case in zip(seed_edits, cases)]
+                     for seed_edits in edits])
     return {
         "success": float((scores == 1).mean()),
+        "kept": float(kept.mean()),
+        "faithful": float(((scores == 1) & kept).mean()),
         "oracle": float(scores.mean()),
         "psnr_vs_unprotected_edit": psnr(edits, reference),
         "clip_directional": directional(edits, cases),
     }
 
 
+def _first_timestep_inputs(pipe, cases: list[Case], noises: int):
+    """The empty prompt's embedding and ``noises`` fixed latent noises, shared by the measurements below."""
+    size = cases[0].image.shape[-1] // pipe.vae_scale_factor
+    latents = torch.randn(noises, pipe.vae.config.latent_channels, size, size,
+                          generator=torch.Generator().manual_seed(0))
+    return encode_text(pipe, ""), latents
+
+
 @torch.no_grad()
 def conditioning_leverage(pipe, cases: list[Case], timesteps: tuple[int, ...] = (951, 751, 501, 251),
-                          noises: int = 8) -> dict[str, float]:
-    """How much the kept region steers the editor at each timestep: ``‖ε̂(kept) − ε̂(grey)‖ / ‖ε̂‖``.
+                          noises: int = 8) -> dict[str, dict[str, float]]:
+    """How much the kept region steers the editor at each timestep: ``‖ε̂(kept) − ε̂(grey)‖ / ‖ε̂‖``
+    (``measured``), next to what an editor that read the kept region exactly would show
+    (``exact_reader``).
 
-    DiffusionGuard can only push the noise prediction through the kept region's conditioning,
-    so this ratio at the attacked timestep bounds its leverage on an editor.
+    An ε-predicting editor whose clean-image estimate changes by Δz in the kept region changes
+    its noise prediction by ``√(ᾱ_t / (1 − ᾱ_t)) · Δz``: at t = 951 the clean image makes up
+    only 9 % of the noisy latent, so even a perfect reader depends on the kept region little
+    there. DiffusionGuard can move ε̂ further only where the UNet is not such a reader, off
+    the data it was trained on.
     """
-    from diffalign.inpainting import encode_text, inpainting_condition, inpainting_unet
-
-    prompt_embeds = encode_text(pipe, "")
-    factor = pipe.vae_scale_factor
-    size = cases[0].image.shape[-1] // factor
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(noises, pipe.vae.config.latent_channels, size, size, generator=generator)
+    prompt_embeds, latents = _first_timestep_inputs(pipe, cases, noises)
     leverage = {}
     for timestep in timesteps:
-        ratios = []
+        alpha = float(pipe.scheduler.alphas_cumprod[timestep])
+        gain = math.sqrt(alpha / (1 - alpha))
+        measured, exact = [], []
         for case in cases:
             image, keep = case.image[None], case.masks["seen"][None]
-            kept = inpainting_unet(pipe, latents, timestep, inpainting_condition(pipe, image, keep), prompt_embeds)
+            condition = inpainting_condition(pipe, image, keep)
             grey = inpainting_condition(pipe, torch.full_like(image, 0.5), keep)
+            kept = inpainting_unet(pipe, latents, timestep, condition, prompt_embeds)
             blank = inpainting_unet(pipe, latents, timestep, grey, prompt_embeds)
-            ratios.append(float((kept - blank).flatten(1).norm(dim=1).mean() / kept.flatten(1).norm(dim=1).mean()))
-        leverage[str(timestep)] = float(np.mean(ratios))
+            norm = kept.flatten(1).norm(dim=1).mean()
+            measured.append(float((kept - blank).flatten(1).norm(dim=1).mean() / norm))
+            exact.append(float(gain * (condition.masked_image_latents - grey.masked_image_latents).norm() / norm))
+        leverage[str(timestep)] = {"measured": float(np.mean(measured)), "exact_reader": float(np.mean(exact))}
     return leverage
+
+
+@torch.no_grad()
+def editor_input_change(pipe, cases: list[Case], protected: list[torch.Tensor], timestep: int,
+                        noises: int = 8) -> dict[str, float]:
+    """What a protection changed in the editor's inputs and output at ``timestep`` (seen mask).
+
+    ``latent_shift``: ‖z(protected) − z(original)‖ / ‖z(original) − z(grey)‖ for the
+    masked-image latents z, i.e. how far the perturbation moved the kept region's latents
+    relative to the whole object's; ``noise_norm_gain``: the relative rise of ‖ε̂‖ over fixed
+    noises (what DiffusionGuard maximises); ``noise_change``: ‖ε̂(protected) − ε̂(original)‖ / ‖ε̂‖.
+    """
+    prompt_embeds, latents = _first_timestep_inputs(pipe, cases, noises)
+    shifts, gains, changes = [], [], []
+    for case, image in zip(cases, protected):
+        keep = case.masks["seen"][None]
+        original = inpainting_condition(pipe, case.image[None], keep)
+        attacked = inpainting_condition(pipe, image[None], keep)
+        grey = inpainting_condition(pipe, torch.full_like(case.image[None], 0.5), keep)
+        shifts.append(float((attacked.masked_image_latents - original.masked_image_latents).norm()
+                            / (original.masked_image_latents - grey.masked_image_latents).norm()))
+        before = inpainting_unet(pipe, latents, timestep, original, prompt_embeds)
+        after = inpainting_unet(pipe, latents, timestep, attacked, prompt_embeds)
+        before_norm = before.flatten(1).norm(dim=1)
+        gains.append(float((after.flatten(1).norm(dim=1) / before_norm).mean() - 1))
+        changes.append(float(((after - before).flatten(1).norm(dim=1) / before_norm).mean()))
+    return {"latent_shift": float(np.mean(shifts)), "noise_norm_gain": float(np.mean(gains)),
+            "noise_change": float(np.mean(changes))}
 
 
 def protect_all(editors: Editors, cases: list[Case], method: str, budget: float, settings: Settings,
@@ -315,6 +379,7 @@ def run(settings: Settings, output: Path | None = RESULTS / "protection.json", p
         "conditioning_leverage": conditioning_leverage(editors.inpaint, cases),
     }
     examples: dict[str, torch.Tensor] = {}
+    first_timestep = int(defenses.diffusionguard.attacked_timestep(editors.inpaint.scheduler, settings.editor_steps))
     for budget in settings.budgets:
         per_method = {}
         for method in settings.methods:
@@ -327,7 +392,9 @@ def run(settings: Settings, output: Path | None = RESULTS / "protection.json", p
                     examples[method] = torch.stack([torch.stack(protected[:4]), edits[0, :4]])
             conditions["unseen"] = {key: float(np.mean([conditions[c][key] for c in UNSEEN]))
                                     for key in conditions["seen"]}
-            per_method[method] = {"cost": cost, "conditions": conditions}
+            per_method[method] = {"cost": cost, "conditions": conditions,
+                                  "editor_input": editor_input_change(editors.inpaint, cases, protected,
+                                                                      first_timestep)}
         result["budgets"][f"{budget * 255:.0f}/255"] = per_method
     result["torch_threads"] = torch.get_num_threads()
     result["seconds"] = time.perf_counter() - started
@@ -400,7 +467,20 @@ def format_table(result: dict) -> str:
                 f"{cost['seconds']:>6.1f} {cost['psnr_vs_original']:>5.1f} "
                 + "".join(f"{conditions[c]['success']:13.3f}" for c in ("seen", "unseen", "jpeg", "transfer"))
             )
-    leverage = ", ".join(f"t={t}: {v:.3f}" for t, v in result["conditioning_leverage"].items())
+    lines += ["", "faithful edit success (exactly right and the protected object kept in place), lower is better",
+              f"{'budget':<7} {'method':<15} " + "".join(f"{c:>10}" for c in ("seen", "unseen", "jpeg", "transfer"))
+              + f"{'z shift':>10}{'‖ε̂‖ gain':>10}"]
+    lines.append(f"{'':<7} {'unprotected':<15} {base['seen']['faithful']:10.3f}"
+                 f"{np.mean([base[c]['faithful'] for c in UNSEEN]):10.3f}"
+                 f"{base['jpeg']['faithful']:10.3f}{base['transfer']['faithful']:10.3f}")
+    for budget, methods in result["budgets"].items():
+        for method, entry in methods.items():
+            conditions, seen_by_editor = entry["conditions"], entry["editor_input"]
+            lines.append(f"{budget:<7} {method:<15} "
+                         + "".join(f"{conditions[c]['faithful']:10.3f}" for c in ("seen", "unseen", "jpeg", "transfer"))
+                         + f"{seen_by_editor['latent_shift']:10.3f}{seen_by_editor['noise_norm_gain']:+10.4f}")
+    leverage = ", ".join(f"t={t}: {v['measured']:.3f} (exact reader {v['exact_reader']:.3f})"
+                         for t, v in result["conditioning_leverage"].items())
     lines.append(f"editor's dependence on the kept region, ‖Δε̂‖/‖ε̂‖: {leverage}")
     lines.append(f"{result['settings']['scenes']} scenes x {result['settings']['edit_seeds']} editor seeds; "
                  f"{result['seconds'] / 60:.1f} min, {result['torch_threads']} torch threads")

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,8 +10,10 @@ import torch
 from diffalign.benchmarks import protection
 
 from diffalign import cli
+from diffalign.inpainting import load_inpainting
 from diffalign.shapes import detect, parse, render, scene_for, score
 from diffalign.shapes.splits import prompts as split_prompts
+from diffalign.shapes.world import Scene
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +35,39 @@ def test_cases_keep_one_object_and_ask_for_another_second_object(cases):
         inside = [d for d in detect(case.image) if seen[int(d.y * 32), int(d.x * 32)]]
         assert len(inside) == 1
         assert (inside[0].colour, inside[0].shape) == (edit.entities[kept[0]].colour, edit.entities[kept[0]].shape)
+        assert (case.kept.colour, case.kept.shape) == (inside[0].colour, inside[0].shape)
+
+
+def _pixels(scene: Scene) -> torch.Tensor:
+    return torch.from_numpy(np.array(render(scene))).permute(2, 0, 1) / 255  # a copy: renders are cached, read-only
+
+
+def test_kept_in_place_needs_the_same_object_where_it_was(cases):
+    for case in cases:
+        assert protection.kept_in_place(case.image, case.kept)
+        alone = Scene((case.kept,))
+        assert protection.kept_in_place(_pixels(alone), case.kept)
+        # 3 px away (beyond the ~2 px tolerance) or in another colour it is no longer kept in place
+        step = 3 / 32 if case.kept.x < 0.5 else -3 / 32
+        moved = Scene((replace(case.kept, x=case.kept.x + step),))
+        assert not protection.kept_in_place(_pixels(moved), case.kept)
+        colour = "red" if case.kept.colour != "red" else "blue"
+        recoloured = Scene((replace(case.kept, colour=colour),))
+        assert not protection.kept_in_place(_pixels(recoloured), case.kept)
+
+
+def test_editor_input_change_is_zero_for_the_original_and_grows_with_the_perturbation(cases):
+    pipe = load_inpainting("shapes-inpaint")
+    few = cases[:2]
+    unchanged = protection.editor_input_change(pipe, few, [c.image for c in few], timestep=951, noises=2)
+    assert unchanged == {"latent_shift": 0.0, "noise_norm_gain": 0.0, "noise_change": 0.0}
+    generator = torch.Generator().manual_seed(0)
+    shifts = []
+    for budget in (4 / 255, 32 / 255):
+        noisy = [(c.image + budget * torch.sign(torch.randn(c.image.shape, generator=generator)) * c.masks["seen"])
+                 .clamp(0, 1) for c in few]
+        shifts.append(protection.editor_input_change(pipe, few, noisy, timestep=951, noises=2)["latent_shift"])
+    assert 0 < shifts[0] < shifts[1] < 1, shifts
 
 
 def test_unseen_masks_are_drawn_differently_from_the_defenders(cases):
@@ -106,8 +142,13 @@ def test_quick_benchmark_writes_table_json_and_figures(tmp_path, capsys):
         assert set(entry["conditions"]) == {*protection.CONDITIONS, "unseen"}
         for metrics in entry["conditions"].values():
             assert 0 <= metrics["success"] <= 1 and 0 <= metrics["oracle"] <= 1
+            assert metrics["faithful"] <= min(metrics["success"], metrics["kept"]) + 1e-9
+        assert entry["editor_input"]["latent_shift"] > 0
     assert set(result["conditioning_leverage"]) == {"951", "751", "501", "251"}
-    assert all(0 < value < 1 for value in result["conditioning_leverage"].values())
+    leverage = result["conditioning_leverage"]
+    assert all(0 < value["measured"] < 1 for value in leverage.values())
+    # a perfect reader's dependence grows as the noise level falls: √(ᾱ/(1−ᾱ)) rises with ᾱ
+    assert leverage["951"]["exact_reader"] < leverage["751"]["exact_reader"] < leverage["501"]["exact_reader"]
     assert (tmp_path / "protection.png").stat().st_size > 0
     assert (tmp_path / "protection_examples.png").stat().st_size > 0
 
