@@ -11,8 +11,11 @@ a ``gr.Warning``, so nothing happens silently.
 from __future__ import annotations
 
 import html
+import os
+import shutil
 import tempfile
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,14 +24,38 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import torch
+from diffalign.defenses.diffusionguard import STEP_SIZE
 from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image
 
 from diffalign import defenses, images, protection_io
-from diffalign.defenses.diffusionguard import STEP_SIZE
 from diffalign.inpainting import edit
 
 EDIT_STEPS = 20  # enough for a recognisable edit, and twice 20 steps stay quick on a CPU
+# Download folders are named diffalign-app-<pid>-..., so a later start can tell a dead app's from a live one's.
+DOWNLOADS_PREFIX = "diffalign-app-"
+
+
+def remove_stale_download_folders(parent: str | None = None) -> list[Path]:
+    """Remove the download folders of apps that are no longer running (killed before they could clean up)."""
+    removed = []
+    for folder in Path(parent or tempfile.gettempdir()).glob(f"{DOWNLOADS_PREFIX}*-*"):
+        pid = folder.name.removeprefix(DOWNLOADS_PREFIX).split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @dataclass
@@ -71,11 +98,26 @@ class Callbacks:
 
     def __init__(self, pipe: StableDiffusionInpaintPipeline) -> None:
         self.pipe = pipe
-        # Protected PNGs to download; removed with this object (at the latest when the app exits).
-        self._downloads = tempfile.TemporaryDirectory(prefix="diffalign-app-")
+        remove_stale_download_folders()
+        # Protected PNGs to download; removed with this object, and at the latest when the app exits
+        # (``launch`` turns SIGTERM into a normal shutdown so that this runs).
+        self.downloads = Path(tempfile.mkdtemp(prefix=f"{DOWNLOADS_PREFIX}{os.getpid()}-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.downloads, ignore_errors=True)
 
-    def inputs(self, editor: dict | None, mask_upload: Image.Image | None) -> protection_io.ModelInputs:
-        """The editor's image and its mask (the uploaded one, else the painted one), fitted to the model."""
+    def close(self) -> None:
+        """Remove the download folder now."""
+        self._cleanup()
+
+    def mask_preview(self, mask_file: str | None) -> np.ndarray | None:
+        """Read an uploaded mask file through diffalign's image reader: what will be protected, or a clear error."""
+        if not mask_file:
+            return None
+        with shown_to_user():
+            mask = protection_io.mask_array(images.open_image(mask_file, role="mask"))
+        return ((mask >= 0.5) * 255).astype(np.uint8)
+
+    def inputs(self, editor: dict | None, mask_upload: str | Image.Image | None) -> protection_io.ModelInputs:
+        """The editor's image and its mask (the uploaded file, else the painted one), fitted to the model."""
         background = (editor or {}).get("background")
         # Without an upload the editor still sends its blank canvas, fully transparent.
         if background is None or background.convert("RGBA").getextrema()[3][1] == 0:
@@ -84,6 +126,9 @@ class Callbacks:
         if mask_upload is not None:
             if painted is not None:
                 gr.Warning("Using the uploaded mask; the strokes painted on the image are ignored.")
+            if not isinstance(mask_upload, Image.Image):  # an uploaded file: read as every command reads
+                with shown_to_user():
+                    mask_upload = images.open_image(mask_upload, role="mask")
             mask = protection_io.mask_array(mask_upload)
         elif painted is not None:
             mask = painted
@@ -103,7 +148,7 @@ class Callbacks:
     def protect(
         self,
         editor: dict | None,
-        mask_upload: Image.Image | None,
+        mask_upload: str | Image.Image | None,
         method: str,
         strength: float,
         steps: float,
@@ -134,9 +179,7 @@ class Callbacks:
                 generator=_generator(seed),
                 progress=report,
             )
-        path = images.save_image(
-            result.image, Path(self._downloads.name) / uuid.uuid4().hex / "protected.png"
-        )
+        path = images.save_image(result.image, self.downloads / uuid.uuid4().hex / "protected.png")
         protected = images.load_image(path)  # the 8-bit pixels the user downloads, which the edits attack
         height, width = protected.shape[-2:]
         area = fitted.mask.mean().item()

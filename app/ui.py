@@ -7,12 +7,12 @@
 from __future__ import annotations
 
 import gradio as gr
-from diffusers import StableDiffusionInpaintPipeline
-
-from diffalign import defenses, protection_io
 from diffalign.app import example_images
 from diffalign.app.callbacks import EDIT_STEPS, Callbacks
 from diffalign.defenses.diffusionguard import BUDGET, STEPS
+from diffusers import StableDiffusionInpaintPipeline
+
+from diffalign import defenses, protection_io
 
 INTRO = """\
 ## Protect a photo against inpainting edits
@@ -41,7 +41,8 @@ def create_app(pipe: StableDiffusionInpaintPipeline) -> gr.Blocks:
     # trained at 32 px that is where the images are, and a 4 px brush is a usable tip;
     # elsewhere Gradio's own default (1/50 of the image's shorter side) scales with the photo.
     brush_size = max(1, native // 8) if native < protection_io.FIXED_RESOLUTION_BELOW else "auto"
-    with gr.Blocks(title="diffalign: protect an image", analytics_enabled=False) as app:
+    # delete_cache: Gradio's copies of uploads go when the app stops (and hourly, after an hour).
+    with gr.Blocks(title="diffalign: protect an image", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column():
@@ -55,13 +56,21 @@ def create_app(pipe: StableDiffusionInpaintPipeline) -> gr.Blocks:
                     brush=gr.Brush(colors=[BRUSH_COLOUR], color_mode="fixed", default_size=brush_size),
                     elem_id="editor",
                 )
-                mask_upload = gr.Image(
+                # A file, not gr.Image: Gradio would decode (and for 16-bit masks, saturate) the upload
+                # itself, and report a bad file as "could not preprocess"; diffalign's reader says why.
+                mask_upload = gr.File(
                     label="…or upload a mask (white = protect)",
-                    type="pil",
-                    image_mode="RGBA",
-                    sources=("upload",),
-                    height=180,
+                    file_types=["image"],
+                    type="filepath",
+                    height=60,
                     elem_id="mask-upload",
+                )
+                mask_preview = gr.Image(
+                    label="Uploaded mask, as read (white = protected)",
+                    type="numpy",
+                    interactive=False,
+                    height=120,
+                    elem_id="mask-preview",
                     elem_classes="scaled",
                 )
             with gr.Column():
@@ -137,6 +146,7 @@ def create_app(pipe: StableDiffusionInpaintPipeline) -> gr.Blocks:
             label="Examples: ShapesWorld scenes, with a mask over the object to protect",
         )
         state = gr.State()
+        mask_upload.change(callbacks.mask_preview, [mask_upload], [mask_preview])
 
         # One queue for everything that runs the pipeline: it must not run in two threads at once.
         protect_button.click(
@@ -167,6 +177,7 @@ def launch(
     ``share`` is passed explicitly because Gradio's own default turns public links on in
     notebooks; uploads are capped so that a huge file is refused before it is decoded.
     """
+    _stop_on_sigterm()
     app.queue(default_concurrency_limit=1).launch(
         server_name=host,
         server_port=port,
@@ -176,3 +187,18 @@ def launch(
         css=CSS,
         **options,
     )
+
+
+def _stop_on_sigterm() -> None:
+    """Treat SIGTERM (``kill``, a service manager) like Ctrl-C, so the app shuts down normally and
+    removes its temporary files instead of leaving them behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)

@@ -48,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffalign.config import doc
+from diffalign.errors import DiffalignError
 from diffalign.shapes.grammar import KINDS
 from diffalign.shapes.splits import SPLITS
 from diffalign.shapes.splits import prompts as split_prompts
@@ -61,6 +62,10 @@ LABELS: tuple[int, ...] = (1, 0, -1)
 # Images per sampling call. Part of the recipe: the batch shapes decide how the seeded noise
 # stream is cut, so changing it changes the images.
 _BATCH = 32
+
+
+class ShapesTiaError(DiffalignError, ValueError):
+    """A shapes-TIA setting or output folder is wrong; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,11 @@ class ShapesTiaConfig:
     def __post_init__(self):
         for name in ("prompts_per_subset", "images_per_prompt", "num_steps", "annotators"):
             if getattr(self, name) < 1:
-                raise ValueError(f"shapes-TIA {name} must be at least 1, got {getattr(self, name)}")
+                raise ShapesTiaError(f"shapes-TIA {name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.noise <= 1.0:
-            raise ValueError(f"shapes-TIA noise is a probability in [0, 1], got {self.noise}")
+            raise ShapesTiaError(f"shapes-TIA noise is a probability in [0, 1], got {self.noise}")
         if not self.guidance_scales:
-            raise ValueError("shapes-TIA guidance_scales needs at least one scale, e.g. (1.0, 2.0, 3.0, 5.0)")
+            raise ShapesTiaError("shapes-TIA guidance_scales needs at least one scale, e.g. (1.0, 2.0, 3.0, 5.0)")
 
 
 def clean_label(detector_score: float) -> int:
@@ -122,7 +127,7 @@ def draw_prompts(config: ShapesTiaConfig) -> dict[str, list[str]]:
         queues = [list(rng.permutation(split_prompts(split, kind))) for split, kind in cells]
         available = sum(len(queue) for queue in queues)
         if config.prompts_per_subset > available:
-            raise ValueError(
+            raise ShapesTiaError(
                 f"shapes-TIA subset {subset!r} has {available} distinct prompts; "
                 f"prompts_per_subset={config.prompts_per_subset} is too many"
             )
@@ -172,7 +177,7 @@ def make(folder: str | Path, config: ShapesTiaConfig = ShapesTiaConfig(), *, pro
     """Write shapes-TIA for ``config`` into ``folder`` (new, or empty) to inspect or share it."""
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise ValueError(
+        raise ShapesTiaError(
             f"{folder} already exists and is not an empty folder; choose a new folder for shapes-TIA"
         )
     _build(folder, config, progress)

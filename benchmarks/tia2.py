@@ -65,13 +65,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffalign.benchmarks import shapes_tia
+from diffalign.rewards import Reward
 from scipy.stats import kendalltau, spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm.auto import tqdm
 
 from diffalign import images, rewards
-from diffalign.benchmarks import shapes_tia
-from diffalign.rewards import Reward
+from diffalign.errors import DiffalignError
 
 SHAPES_TIA = shapes_tia.NAME  # the built-in dataset, generated on first use
 TIA2_SUBSETS: tuple[str, ...] = ("comprehensive", "counting", "composition")  # listed first, in this order
@@ -91,7 +92,7 @@ SCORE_CACHE = ".diffalign-scores"  # folder beside the data that holds cached sc
 _LABEL_FILE_PREFIX = "human_labels_"  # how the TextNorm repository names its files
 
 
-class TIA2Error(ValueError):
+class TIA2Error(DiffalignError, ValueError):
     """The data or a reward cannot be evaluated; the message names the file, entry or batch."""
 
 

@@ -30,13 +30,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
+from diffalign.errors import DiffalignError
+
 # (step done, total steps, objective value at that step) -> None; raise to cancel.
 ProgressCallback = Callable[[int, int, float], None]
 # (adversarial image [1, 3, H, W] in [0, 1], this step's protected mask [1, 1, H, W]) -> scalar to maximise.
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class ProtectionError(ValueError):
+class ProtectionError(DiffalignError, ValueError):
     """The image, mask or settings given to a protection cannot be used."""
 
 

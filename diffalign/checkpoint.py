@@ -2,37 +2,45 @@
 
 A checkpoint is a folder written under a temporary name and renamed into place, and the
 ``latest`` pointer is replaced the same way, so a crash at any moment leaves either the old
-or the new checkpoint complete, never a half-written one.
+or the new checkpoint complete, never a half-written one. A write that fails (a full disk)
+removes its temporary folder at once; what a hard kill leaves behind is removed by
+``remove_debris`` when the run starts or resumes (for a full Stable Diffusion UNet each
+leftover is gigabytes, on a disk that may just have filled).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffalign import pipeline
+from diffalign import outputs, pipeline
+from diffalign.errors import DiffalignError
 
 LATEST = "latest"
+# Temporary names of diffalign versions before the shared ``outputs`` helpers; still cleaned up.
+_OLD_DEBRIS = (".tmp-epoch-*", f".{LATEST}.*")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DiffalignError, RuntimeError):
     """A checkpoint is missing or unreadable."""
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
+def remove_debris(folder: Path) -> list[Path]:
+    """Remove what interrupted checkpoint writes left in ``folder``; returns the removed paths."""
+    removed = outputs.remove_debris(folder)
+    for pattern in _OLD_DEBRIS:
+        for leftover in Path(folder).glob(pattern):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
 
 
 def save(
@@ -53,18 +61,15 @@ def save(
     """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"epoch-{epoch:04d}"
-    staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-epoch-{epoch:04d}-"))
-    if lora:
-        pipeline.save_lora(unet, staging / "lora")
-    else:
-        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(staging / "unet.safetensors"))
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(method_state, staging / "method.pt")
-    (staging / "trainer_state.json").write_text(json.dumps({"epoch": epoch, **trainer_state}), "utf-8")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    _write_text_atomic(folder / LATEST, final.name)
+    with outputs.staging_folder(final) as staging:
+        if lora:
+            pipeline.save_lora(unet, staging / "lora")
+        else:
+            save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(staging / "unet.safetensors"))
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(method_state, staging / "method.pt")
+        (staging / "trainer_state.json").write_text(json.dumps({"epoch": epoch, **trainer_state}), "utf-8")
+    outputs.write_text(folder / LATEST, final.name)
     for old in sorted(folder.glob("epoch-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -14,6 +14,46 @@ from pathlib import Path
 
 from diffalign import config as config_module
 from diffalign import prompts as prompt_sets
+from diffalign.errors import DiffalignError, describe_os_error
+
+
+class CommandError(DiffalignError):
+    """Arguments that do not fit together (found by a command rather than by argparse)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number ≥ 0, got {text}")
+    return value
+
+
+def _lora_folder(path: str | None) -> str | None:
+    """``--lora``: a folder holding diffusers LoRA weights, checked before any model loads."""
+    if path is None:
+        return None
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CommandError(
+            f"--lora {path!r} is not a folder; give the lora/ folder a `diffalign train` run wrote "
+            "(it holds pytorch_lora_weights.safetensors)"
+        )
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise CommandError(f"--lora {path!r} holds no LoRA weights (*.safetensors); give a run's lora/ folder")
+    return str(folder)
 
 
 def _reward_table() -> str:
@@ -48,14 +88,50 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from diffalign.train import train
-
+def _run_config(args: argparse.Namespace) -> config_module.TrainConfig:
+    """The config of ``diffalign train``: with ``--resume`` and no file, the run's own config.yaml."""
     overrides = list(args.set or [])
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
-    config = config_module.load_config(args.config, overrides)
-    result = train(config, resume=args.resume, progress=not args.no_progress)
+    path = args.config
+    if args.resume and path is None:
+        given: dict = {}
+        for text in overrides:
+            given = config_module._merge(given, config_module.parse_override(text))
+        output_dir = str(given.get("output_dir", config_module.TrainConfig.output_dir))
+        path = Path(output_dir) / "config.yaml"
+        if not path.is_file():
+            raise CommandError(f"--resume: there is no run to resume in {output_dir!r} (no config.yaml there)")
+    return config_module.load_config(path, overrides)
+
+
+def _kept(output_dir: str, error: BaseException) -> str:
+    """What a failed training run left intact, said after its error."""
+    from diffalign import checkpoint
+    from diffalign.optim import TrainingDiverged
+
+    folder = Path(output_dir) / "checkpoints"
+    try:
+        latest = checkpoint.latest(folder) if folder.is_dir() else None
+    except checkpoint.CheckpointError:
+        latest = None
+    if latest is not None:
+        return (f"\nkept: the last complete checkpoint, {latest.name}, in {folder}; continue with "
+                f"`diffalign train --output-dir {output_dir} --resume`")
+    if isinstance(error, (OSError, TrainingDiverged)):
+        return f"\nkept: no checkpoint had been written yet in {output_dir}"
+    return ""
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from diffalign.train import train
+
+    config = _run_config(args)
+    try:
+        result = train(config, resume=args.resume, progress=not args.no_progress)
+    except (DiffalignError, OSError) as error:
+        text = describe_os_error(error) if isinstance(error, OSError) else str(error)
+        raise CommandError(text + _kept(config.output_dir, error)) from error
     if not result.main_process:
         return 0
     last = result.history[-1]
@@ -67,16 +143,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from diffalign import images, pipeline, plots
+    from diffalign import images, outputs, pipeline, plots
     from diffalign.sampling import sample
 
     prompts = [args.prompt] if args.prompt else prompt_sets.load_prompts(args.prompts)
     prompts = (prompts * args.num)[: args.num] if args.prompt else prompts[: args.num]
-    pipe = pipeline.load(args.model)
-    if args.lora:
-        pipe.load_lora_weights(args.lora)
-    generator = torch.Generator().manual_seed(args.seed)
+    lora = _lora_folder(args.lora)
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise outputs.OutputError(f"--output {args.output!r} is a file; give a folder for the images")
+    written = [out / f"{index:04d}.png" for index in range(len(prompts))] + [out / "prompts.txt", out / "grid.png"]
+    outputs.check_output_files(written, inputs=[None if args.prompt else args.prompts], overwrite=args.overwrite)
+    pipe = pipeline.load(args.model)
+    if lora:
+        pipe.load_lora_weights(lora)
+    generator = torch.Generator().manual_seed(args.seed)
     all_images = []
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
@@ -86,7 +167,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for offset, image in enumerate(trajectory.images):
             images.save_image(image, out / f"{start + offset:04d}.png")
         all_images.append(trajectory.images)
-    (out / "prompts.txt").write_text("\n".join(prompts) + "\n", "utf-8")
+    outputs.write_text(out / "prompts.txt", "\n".join(prompts) + "\n")
     plots.save_grid(torch.cat(all_images), prompts, out / "grid.png", title=f"{args.model}")
     print(f"wrote {len(prompts)} images, prompts.txt and grid.png to {out}")
     return 0
@@ -95,8 +176,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     import torch
 
-    from diffalign import images, rewards
+    from diffalign import images, outputs, rewards
 
+    if args.output:
+        inputs = [args.captions, args.prompts, *(images.list_images(args.images) if args.images else [])]
+        outputs.check_output_file(args.output, inputs=inputs, overwrite=args.overwrite, what="--output")
+    lora = _lora_folder(args.lora)
     reward = rewards.build(args.reward, **_parse_options(args.option or []))
     if args.images:
         paths = images.list_images(args.images)
@@ -105,7 +190,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         if args.captions:
             captions = prompt_sets.load_prompts(args.captions)
             if len(captions) != len(paths):
-                raise ValueError(f"{len(paths)} images but {len(captions)} captions in {args.captions}")
+                raise CommandError(
+                    f"{len(paths)} images in {args.images} but {len(captions)} captions in {args.captions}: "
+                    "give one caption line per image (images sorted by name)"
+                )
         else:
             captions = [args.prompt or ""] * len(paths)
         names, scores = [], []
@@ -119,8 +207,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
         captions = prompt_sets.load_prompts(args.prompts)
         pipe = pipeline.load(args.model)
-        if args.lora:
-            pipe.load_lora_weights(args.lora)
+        if lora:
+            pipe.load_lora_weights(lora)
         generator = torch.Generator().manual_seed(args.seed)
         names, scores = [], []
         for start in range(0, len(captions), 8):
@@ -133,7 +221,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     mean = sum(scores) / len(scores)
     print(f"{args.reward}: mean {mean:.5g} over {len(scores)} images")
     if args.output:
-        with open(args.output, "w", newline="", encoding="utf-8") as stream:
+        with outputs.replacing(Path(args.output)) as temporary, open(temporary, "w", newline="", encoding="utf-8") as stream:
             writer = csv.writer(stream)
             writer.writerow(["image", "prompt", args.reward])
             writer.writerows(zip(names, captions, scores))
@@ -295,7 +383,7 @@ def _add_bench_commands(commands) -> None:
     run.add_argument("--subsets", nargs="+", metavar="SUBSET", help="subsets to evaluate (default: all)")
     run.add_argument("--option", action="append", metavar="REWARD.KEY=VALUE",
                      help="reward option, e.g. shapes-clip.checkpoint=/path; repeatable")
-    run.add_argument("--batch-size", type=int, default=64, help="images per reward call")
+    run.add_argument("--batch-size", type=_positive_int, default=64, help="images per reward call")
     run.add_argument("--output", "-o",
                      help="folder for tia2.json/.csv/.png (default: the package's benchmarks/results/tia2/)")
     run.add_argument("--cache-dir", help="score cache folder (default: <data>/.diffalign-scores/)")
@@ -349,14 +437,17 @@ def cmd_protect(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from diffalign import defenses, images, protection_io
+    from diffalign import defenses, images, outputs, protection_io
     from diffalign.inpainting import load_inpainting
 
     if Path(args.output).suffix.lower() != ".png":
-        raise ValueError(
+        raise CommandError(
             f"the protected image must be a lossless PNG, got -o {args.output!r}: "
             "JPEG or WebP compression would erase much of the perturbation. Use a .png name."
         )
+    if args.step_size > args.budget:
+        raise CommandError(f"--step-size ({args.step_size:.4g}) must not exceed --budget ({args.budget:.4g})")
+    outputs.check_output_file(args.output, inputs=[args.image, args.mask], overwrite=args.overwrite)
     # Files first: bad input fails before the (slow) model load.
     image, mask = protection_io.read_image_and_mask(args.image, args.mask, purpose="protect")
     pipe = load_inpainting(args.model)
@@ -396,9 +487,10 @@ def cmd_protect(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     import torch
 
-    from diffalign import images, protection_io
+    from diffalign import images, outputs, protection_io
     from diffalign.inpainting import edit, load_inpainting
 
+    outputs.check_output_file(args.output, inputs=[args.image, args.mask], overwrite=args.overwrite)
     image, mask = protection_io.read_image_and_mask(args.image, args.mask, purpose="keep")
     pipe = load_inpainting(args.model)
     inputs = protection_io.fit_to_model(pipe, image, mask, purpose="keep")
@@ -468,7 +560,7 @@ def _add_protection_commands(commands) -> None:
     protect.add_argument("--budget", type=_pixel_units, default=BUDGET,
                          help="largest change of a pixel, in [0, 1] pixel units, not 0-255: 8/255 ≈ 0.0314 "
                          "(the default) lets each protected pixel move by 8 grey levels; '8/255' is accepted")
-    protect.add_argument("--steps", type=int, default=STEPS, help=f"PGD iterations (default {STEPS})")
+    protect.add_argument("--steps", type=_positive_int, default=STEPS, help=f"PGD iterations (default {STEPS})")
     protect.add_argument("--step-size", type=_pixel_units, default=STEP_SIZE,
                          help="PGD step, in [0, 1] pixel units like --budget and at most it "
                          "(default 0.5/255 ≈ 0.00196)")
@@ -476,6 +568,7 @@ def _add_protection_commands(commands) -> None:
                          help="train against the given mask only (default for diffusionguard: random "
                          "shrunken masks, so the protection holds for the attacker's own mask)")
     protect.add_argument("--seed", type=int, default=0, help="seed for noises and mask augmentation")
+    protect.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never an input)")
     protect.add_argument("--no-progress", action="store_true", help="no progress bar")
     protect.set_defaults(handler=cmd_protect)
 
@@ -491,10 +584,11 @@ def _add_protection_commands(commands) -> None:
     edit.add_argument("--prompt", required=True, help="what to paint around the kept region")
     edit.add_argument("--output", "-o", required=True, help="edited image (.png recommended)")
     edit.add_argument("--model", default="shapes-inpaint", help=model_help)
-    edit.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    edit.add_argument("--guidance", type=float, default=7.5,
+    edit.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
+    edit.add_argument("--guidance", type=_non_negative_float, default=7.5,
                       help="classifier-free guidance scale (default 7.5)")
     edit.add_argument("--seed", type=int, default=0, help="seed for the initial noise")
+    edit.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never an input)")
     edit.set_defaults(handler=cmd_edit)
 
     app = commands.add_parser(
@@ -541,13 +635,14 @@ def build_parser() -> argparse.ArgumentParser:
     group = sample.add_mutually_exclusive_group()
     group.add_argument("--prompt", help="one prompt, repeated --num times")
     group.add_argument("--prompts", default="simple-animals", help="prompt set name or text file")
-    sample.add_argument("--num", "-n", type=int, default=8, help="number of images")
-    sample.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    sample.add_argument("--guidance-scale", type=float, default=5.0)
-    sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    sample.add_argument("--batch-size", type=int, default=8)
+    sample.add_argument("--num", "-n", type=_positive_int, default=8, help="number of images")
+    sample.add_argument("--steps", type=_positive_int, default=20, help="DDIM steps")
+    sample.add_argument("--guidance-scale", type=_non_negative_float, default=5.0)
+    sample.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (0: deterministic)")
+    sample.add_argument("--batch-size", type=_positive_int, default=8)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--output", "-o", default="samples", help="output folder")
+    sample.add_argument("--overwrite", action="store_true", help="replace images of an earlier run in --output")
     sample.set_defaults(handler=cmd_sample)
 
     score = commands.add_parser("score", help="score a folder of images, or generations from a prompt file")
@@ -560,9 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--captions", help="text file with one prompt per image of --images (sorted by name)")
     score.add_argument("--model", default="tiny-random", help="pipeline for --prompts")
     score.add_argument("--lora", help="LoRA folder for --prompts")
-    score.add_argument("--steps", type=int, default=20)
+    score.add_argument("--steps", type=_positive_int, default=20)
     score.add_argument("--seed", type=int, default=0)
     score.add_argument("--output", "-o", help="write a CSV of scores here")
+    score.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never an input)")
     score.set_defaults(handler=cmd_score)
 
     _add_shapes_commands(commands)
@@ -576,22 +672,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Faults in the input or the environment (``DiffalignError``, and ``OSError``
+    from the machine: a full disk, a read-only folder) are one line on stderr and exit code 2;
+    anything else is a bug in diffalign and keeps its traceback."""
     args = build_parser().parse_args(argv)
-    from diffalign.checkpoint import CheckpointError
-    from diffalign.images import ImageError
-    from diffalign.pipeline import PipelineError
-    from diffalign.rewards import RewardError
-    from diffalign.shapes.assets import ShapesWeightsError
-    from diffalign.train import RunExistsError
-
-    # ShapesWeightsError: shipped weights missing or damaged; its message names the rebuild command.
-    expected = (config_module.ConfigError, prompt_sets.PromptSetError, RewardError, PipelineError, ImageError,
-                CheckpointError, RunExistsError, ShapesWeightsError, ValueError)
     try:
         return args.handler(args)
-    except expected as error:
-        print(f"diffalign {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except DiffalignError as error:
+        message = str(error)
+    except OSError as error:
+        message = describe_os_error(error)
+    print(f"diffalign {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,9 +20,77 @@ from typing import Any
 
 import yaml
 
+from diffalign.errors import DiffalignError
 
-class ConfigError(ValueError):
+
+class ConfigError(DiffalignError, ValueError):
     """A configuration key or value is wrong; the message says which and how to fix it."""
+
+
+class _Int(int):
+    """An integer read from YAML that remembers how it was written (for string-valued keys)."""
+
+    text: str
+
+
+class _Float(float):
+    """A float read from YAML that remembers how it was written (for string-valued keys)."""
+
+    text: str
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with the core schema of YAML 1.2 for unquoted scalars.
+
+    PyYAML follows YAML 1.1, where ``no``, ``off``, ``y`` and ``on`` are booleans (so
+    ``mixed_precision: no`` read as False), ``0777`` is octal, ``1:30`` is the number 90 and
+    ``1e-4`` is a string. Here only true/false are booleans, integers are decimal (or ``0x``/
+    ``0o``), and ``1e-4`` is a float. Numbers keep their spelling, so a string-valued key given
+    ``007`` gets ``"007"``, not ``"7"``.
+    """
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_BOOL, _INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0x", "0o")):
+        value = _Int(int(text[2:], 16 if text[1] == "x" else 8))
+    else:
+        value = _Int(int(text, 10))
+    value.text = text
+    return value
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Float:
+    text = loader.construct_scalar(node)
+    value = _Float(float(text.lower().replace(".inf", "inf").replace(".nan", "nan")))
+    value.text = text
+    return value
+
+
+_Loader.add_constructor(_INT, _construct_int)
+_Loader.add_constructor(_FLOAT, _construct_float)
+_YAML_1_1_BOOLEANS = {"yes": True, "y": True, "on": True, "no": False, "n": False, "off": False}
+
+
+def yaml_load(text: str):
+    """Parse a config document or value with ``_Loader`` (YAML 1.2 scalars)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call sites
@@ -196,17 +265,39 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             if option is type(None) and value is None:
                 return None
         annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if annotation is str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):  # the number as written ("007", "1e-3"), not as parsed
+            return getattr(value, "text", str(value))
+        if value is None:
+            raise ConfigError(f"{where} is empty; give a value, or '' for an empty string")
+    if annotation is bool and isinstance(value, str) and value.lower() in _YAML_1_1_BOOLEANS:
+        return _YAML_1_1_BOOLEANS[value.lower()]
     if annotation is float and isinstance(value, str):
-        try:  # YAML 1.1 reads "2e-4" as a string
+        try:  # a quoted number
             value = float(value)
         except ValueError:
             pass
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
     if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
         raise ConfigError(f"{where} must be {annotation.__name__}, got {value!r} ({type(value).__name__})")
+    return _unwrap(value)
+
+
+def _unwrap(value: Any) -> Any:
+    """Plain Python values (``_Int``/``_Float`` back to int/float), so configs dump to YAML as usual."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, dict):
+        return {key: _unwrap(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unwrap(item) for item in value]
     return value
 
 
@@ -249,7 +340,10 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. sample.num_steps=10")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({error})") from error
     if isinstance(value, float) and math.isnan(value):
         raise ConfigError(f"override {text!r}: NaN is not a valid value")
     nested: dict = value
@@ -263,7 +357,7 @@ def preset(method: str) -> dict:
     path = resources.files("diffalign").joinpath("presets", f"{method}.yaml")
     if not path.is_file():
         return {}
-    return yaml.safe_load(path.read_text("utf-8")) or {}
+    return yaml_load(path.read_text("utf-8")) or {}
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -272,7 +366,11 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text("utf-8")) or {}
+        data = yaml_load(path.read_text("utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
+        ) from error
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
     if not isinstance(data, dict):
@@ -295,8 +393,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def validate(config: TrainConfig) -> None:
     """Cross-field checks, run before any model is loaded."""
-    from diffalign import prompts, rewards
+    from diffalign import pipeline, prompts, rewards
 
+    try:
+        pipeline.check_spec(config.model)
+    except pipeline.PipelineError as error:
+        raise ConfigError(f"model: {error}") from error
     if config.mixed_precision not in MIXED_PRECISION:
         raise ConfigError(
             f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {config.mixed_precision!r}"
@@ -432,3 +534,52 @@ def describe(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, 
         else:
             rows.append((prefix + spec.name, repr(value), spec.metadata.get("help", "")))
     return rows
+
+
+# What a resumed run may change: how long it runs and what it writes, not what it learns.
+RESUMABLE_KEYS = (
+    "epochs",
+    "output_dir",
+    "save_every",
+    "keep_checkpoints",
+    "tensorboard",
+    "gradient_checkpointing",
+    "eval.every",
+    "eval.grid_size",
+)
+
+
+def flatten(config: TrainConfig) -> dict[str, Any]:
+    """``{dotted key: value}`` for every field of ``config``."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and key != "reward_options":
+                walk(f"{prefix}{key}.", value)
+            else:
+                flat[prefix + key] = value
+
+    walk("", config.to_dict())
+    return flat
+
+
+def resume_changes(saved: TrainConfig, config: TrainConfig, run: str | Path) -> dict[str, list]:
+    """The settings ``config`` changes against the run's ``saved`` config, as ``{key: [old, new]}``.
+
+    Only ``RESUMABLE_KEYS`` may change; any other difference would mix two experiments in one
+    run (and make ``config.yaml`` disagree with the optimizer state), so it is refused with the
+    list of differences.
+    """
+    before, after = flatten(saved), flatten(config)
+    changes = {key: [before[key], after[key]] for key in before if before[key] != after[key]}
+    refused = {key: change for key, change in changes.items() if key not in RESUMABLE_KEYS}
+    if refused:
+        lines = "\n".join(f"  {key}: {old!r} in the run, {new!r} now" for key, (old, new) in refused.items())
+        raise ConfigError(
+            f"--resume would change the experiment of the run in {str(run)!r}, so it was refused "
+            f"(nothing was changed):\n{lines}\n"
+            f"Resume with the run's own settings (`diffalign train --output-dir {run} --resume` loads its "
+            f"config.yaml; only {', '.join(RESUMABLE_KEYS)} may change), or start a new run in another output_dir."
+        )
+    return changes

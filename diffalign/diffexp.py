@@ -31,6 +31,7 @@ from compel import Compel
 from diffusers import StableDiffusionPipeline
 
 from diffalign.config import DiffExpSection
+from diffalign.errors import DiffalignError
 
 # Words that carry no content of their own and are never weighted.
 FUNCTION_WORDS = frozenset(
@@ -40,7 +41,7 @@ FUNCTION_WORDS = frozenset(
 _COMPEL_SYNTAX = re.compile(r"[()\[\]+]|\.blend\(|\.and\(|\bAND\b")
 
 
-class ExplorationError(ValueError):
+class ExplorationError(DiffalignError, ValueError):
     """A prompt or setting DiffExp cannot use; raised before training starts."""
 
 

@@ -26,7 +26,8 @@ _EVAL_SEED_OFFSET = 12_345  # keeps evaluation noise apart from the training str
 class Evaluator:
     """Scores fixed samples of several prompt sets with several rewards.
 
-    Metric keys are ``eval/<prompt set>/<reward name>``; the grid shows the first set.
+    Metric keys are ``eval/<prompt set>/<reward name>`` (a prompt file by its stem); the grid
+    shows the first set.
     """
 
     def __init__(
@@ -45,9 +46,12 @@ class Evaluator:
         batch_size: int = 32,
     ):
         generator = torch.Generator().manual_seed(seed + _EVAL_SEED_OFFSET)
-        self.prompts = {
-            name: prompt_sets.draw(prompt_sets.load_prompts(name), size, generator) for name in prompt_set_names
-        }
+        self.prompts: dict[str, list[str]] = {}
+        for spec in prompt_set_names:
+            name = prompt_sets.display_name(spec)
+            if name in self.prompts:  # two files with one stem
+                name = f"{name}-{len(self.prompts)}"
+            self.prompts[name] = prompt_sets.draw(prompt_sets.load_prompts(spec), size, generator)
         self.latents = initial_latents(pipe, size, generator).cpu()
         self.rewards = rewards
         self.num_steps = num_steps

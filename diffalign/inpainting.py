@@ -18,15 +18,13 @@ Mask conventions, in one place because they are easy to get backwards:
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline, UNet2DConditionModel
 
-from diffalign.pipeline import PipelineError, sd_ddim_scheduler, tiny_random_pipeline
+from diffalign.pipeline import PipelineError, from_pretrained, sd_ddim_scheduler, tiny_random_pipeline
 
 TINY_RANDOM_INPAINT = "tiny-random-inpaint"
 SHAPES_INPAINT = "shapes-inpaint"
@@ -83,36 +81,11 @@ def load_inpainting(
 
         pipe = assets.load_inpainting_pipeline(torch_dtype=torch_dtype)
     else:
-        pipe = _from_pretrained(spec, torch_dtype)
+        builtin = (SHAPES_INPAINT, TINY_RANDOM_INPAINT)
+        pipe = from_pretrained(StableDiffusionInpaintPipeline, spec, torch_dtype, builtin=builtin, kind="inpainting")
     check_inpainting_unet(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _from_pretrained(spec: str, torch_dtype: torch.dtype) -> StableDiffusionInpaintPipeline:
-    folder = Path(spec).expanduser()
-    if spec.startswith((".", "/", "~")) and not folder.exists():
-        raise PipelineError(
-            f"model folder {spec!r} does not exist. Pass a diffusers inpainting pipeline folder (with "
-            f"model_index.json), a hub id already in the Hugging Face cache, or {TINY_RANDOM_INPAINT!r}."
-        )
-    if folder.is_dir() and not (folder / "model_index.json").exists():
-        raise PipelineError(
-            f"{spec!r} is a folder but not a diffusers pipeline: it has no model_index.json. "
-            "Save one with `pipe.save_pretrained(folder)` or point at the folder with model_index.json."
-        )
-    try:
-        return StableDiffusionInpaintPipeline.from_pretrained(
-            spec, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-        )
-    except (OSError, ValueError) as error:
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise PipelineError(
-            f"could not load inpainting pipeline {spec!r}{offline}: {error}\n"
-            "diffalign never downloads weights at run time. On a machine with internet run\n"
-            f"    huggingface-cli download {spec} --local-dir <folder>\n"
-            "then pass that folder (or copy the Hugging Face cache and set HF_HUB_OFFLINE=1)."
-        ) from error
 
 
 def check_inpainting_unet(pipe: DiffusionPipeline) -> None:

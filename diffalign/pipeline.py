@@ -7,6 +7,7 @@ trained here loads in any diffusers program, and anything diffusers loads trains
 
 from __future__ import annotations
 
+import difflib
 import os
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from diffalign.errors import DiffalignError
 from diffalign.tokenizer import clip_tokenizer
 
 BUILTIN_SPECS = ("tiny-random", "shapes", "shapes-inpaint")
@@ -30,7 +32,7 @@ BUILTIN_SPECS = ("tiny-random", "shapes", "shapes-inpaint")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class PipelineError(ValueError):
+class PipelineError(DiffalignError, ValueError):
     """A pipeline could not be loaded or is unsuitable for diffalign."""
 
 
@@ -56,22 +58,51 @@ def load(
 
         pipe = assets.load_inpainting_pipeline(torch_dtype=torch_dtype)
     else:
-        pipe = _from_pretrained(spec, torch_dtype)
+        pipe = from_pretrained(StableDiffusionPipeline, spec, torch_dtype, builtin=BUILTIN_SPECS)
     pipe.scheduler = _ddim_scheduler_for(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _looks_like_path(spec: str) -> bool:
+def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` keyword for ``dtype``: diffusers renamed ``torch_dtype`` to ``dtype``
+    (following transformers) and warns on every load that uses the old name."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def looks_like_path(spec: str) -> bool:
+    """True for what can only be a local path; ``org/name`` is read as a hub id."""
     return spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
 
 
-def _from_pretrained(spec: str, torch_dtype: torch.dtype) -> StableDiffusionPipeline:
+def check_spec(spec: str, builtin: tuple[str, ...] = BUILTIN_SPECS) -> None:
+    """Refuse, before anything loads, a model name that is neither built in, nor a folder, nor a hub
+    id (``org/name``): most often a typo of a built-in name, which the error suggests."""
+    if spec in builtin or "/" in spec or Path(spec).expanduser().exists():
+        return
+    close = difflib.get_close_matches(spec, builtin, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise PipelineError(
+        f"no model {spec!r}: not a built-in name, not a folder, and not a hub id (org/name).{hint} "
+        f"Built-in: {', '.join(builtin)}; or a diffusers pipeline folder (with model_index.json)."
+    )
+
+
+def from_pretrained(cls: type, spec: str, dtype: torch.dtype, *, builtin: tuple[str, ...], kind: str = "Stable Diffusion"):
+    """``cls.from_pretrained(spec)`` for a local folder or a cached hub id, with errors that teach.
+
+    A name that is neither a folder nor a hub id (``org/name``) but close to a built-in name is
+    a typo of it ("did you mean 'shapes'?"), not a hub look-up ending in offline noise. The one
+    loader path for every pipeline class diffalign loads (text-to-image, inpainting).
+    """
+    check_spec(spec, builtin)
     folder = Path(spec).expanduser()
-    if _looks_like_path(spec) and not folder.exists():
+    if looks_like_path(spec) and not folder.exists():
         raise PipelineError(
             f"model folder {spec!r} does not exist. Pass a diffusers pipeline folder (with model_index.json), "
-            f"a hub id already in the Hugging Face cache, or a built-in name: {', '.join(BUILTIN_SPECS)}."
+            f"a hub id already in the Hugging Face cache, or a built-in name: {', '.join(builtin)}."
         )
     if folder.is_dir() and not (folder / "model_index.json").exists():
         raise PipelineError(
@@ -79,17 +110,17 @@ def _from_pretrained(spec: str, torch_dtype: torch.dtype) -> StableDiffusionPipe
             "Save one with `pipe.save_pretrained(folder)` or point at the folder that contains model_index.json."
         )
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            spec, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+        return cls.from_pretrained(
+            spec, **dtype_argument(dtype), safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as error:
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise PipelineError(
-            f"could not load Stable Diffusion pipeline {spec!r}: {error}\n"
+            f"could not load {kind} pipeline {spec!r}{offline}: {error}\n"
             "diffalign never downloads weights at run time. On a machine with internet run\n"
             f"    huggingface-cli download {spec} --local-dir <folder>\n"
             "then pass that folder (or copy the Hugging Face cache and set HF_HUB_OFFLINE=1)."
         ) from error
-    return pipe
 
 
 def _ddim_scheduler_for(pipe: StableDiffusionPipeline) -> DDIMScheduler:

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
+from diffalign.errors import DiffalignError
+
 _PACKAGE_DIR = "prompts"
 
 
-class PromptSetError(ValueError):
+class PromptSetError(DiffalignError, ValueError):
     """A prompt set name or file is wrong."""
 
 
@@ -40,7 +42,14 @@ def load_prompts(spec: str) -> list[str]:
     if spec in builtin_names():
         text = resources.files("diffalign").joinpath(_PACKAGE_DIR, f"{spec}.txt").read_text("utf-8")
     elif Path(spec).is_file():
-        text = Path(spec).read_text("utf-8")
+        try:
+            text = Path(spec).read_text("utf-8")
+        except UnicodeDecodeError as error:
+            raise PromptSetError(
+                f"prompt file {spec!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8"
+            ) from error
+    elif Path(spec).is_dir():
+        raise PromptSetError(f"prompt set {spec!r} is a folder; give a .txt file with one prompt per line")
     else:
         close = difflib.get_close_matches(spec, builtin_names(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -52,6 +61,12 @@ def load_prompts(spec: str) -> list[str]:
     if not prompts:
         raise PromptSetError(f"prompt set {spec!r} is empty")
     return prompts
+
+
+def display_name(spec: str) -> str:
+    """A short name for a prompt set in metric keys and plots: the built-in name, or a file's stem
+    (a path would put folders, and a user's home, into every metric key)."""
+    return spec if spec in builtin_names() else Path(spec).stem
 
 
 def draw(prompts: list[str], count: int, generator: torch.Generator) -> list[str]:

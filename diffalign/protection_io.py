@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from diffalign import images
 from diffalign.defenses.common import ProtectionError
-from diffalign.images import ImageError
 
 # Larger images are scaled down: a 1024 px side is twice SD 1.x/2.x's native 512 (four times the
 # memory and time per step), and larger sides would only multiply both.
@@ -57,25 +57,9 @@ class ModelInputs:
 
 
 def read_image(path: str | Path, *, role: str = "image") -> Image.Image:
-    """Open ``path`` as an upright PIL image, or raise an ``ImageError`` naming the file and the ``role``.
-
-    Decoding is forced here so that truncated files fail now, with the file's name, and not
-    later inside a model. Pillow's decompression-bomb guard is kept: an image that large is
-    an error rather than gigabytes of memory.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as opened:
-            # Cameras store portrait photos sideways plus an EXIF tag; users expect what viewers show.
-            return ImageOps.exif_transpose(opened)
-    except FileNotFoundError as error:
-        raise ImageError(f"{role} {str(path)!r} does not exist") from error
-    except Image.DecompressionBombError as error:
-        raise ImageError(f"{role} {str(path)!r} is too large to open safely ({error})") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageError(
-            f"{role} {str(path)!r} is not a readable image ({error}); expected a PNG, JPEG, WebP or BMP file"
-        ) from error
+    """Open ``path`` through diffalign's one image reader (``diffalign.images.open_image``): upright,
+    8-bit RGB or RGBA, every Pillow mode converted by what its values mean; errors name the file."""
+    return images.open_image(path, role=role)
 
 
 def mask_array(mask: Image.Image) -> np.ndarray:
@@ -170,10 +154,7 @@ def fit_to_model(
 
 def opaque(image: Image.Image) -> Image.Image:
     """``image`` in RGB, transparent parts on white as viewers show them (stored colour is arbitrary)."""
-    if "A" not in image.getbands() and "transparency" not in image.info:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return images.on_white(images.normalise(image))
 
 
 def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:

@@ -8,15 +8,18 @@ plus the log-density of the step it took; ``sample`` runs a whole batch and retu
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -174,17 +177,57 @@ def ddim_step_with_logprob(
     return prev_sample, log_prob
 
 
+def warn_long_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> None:
+    """Warn once per prompt (per pipeline) that the text encoder will cut it at its token limit.
+
+    diffusers says so at every call, which in a training run repeats the same prompt's warning
+    thousands of times; the set of prompts already reported lives on the pipeline.
+    """
+    reported = pipe.__dict__.setdefault("_diffalign_long_prompts", set())
+    tokenizer = pipe.tokenizer
+    # transformers' own "sequence length is longer than..." notice says the same once, less clearly.
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+    limit = tokenizer.model_max_length
+    for prompt in dict.fromkeys(prompts):
+        if prompt in reported:
+            continue
+        ids = tokenizer(prompt, truncation=False, verbose=False).input_ids
+        if len(ids) > limit:
+            reported.add(prompt)
+            kept = tokenizer.decode(ids[1 : limit - 1])
+            logger.warning(
+                "prompt %r has %d tokens but the text encoder reads %d: only %r is used (reported once per prompt)",
+                prompt if len(prompt) <= 200 else prompt[:200] + "...", len(ids), limit, kept,
+            )
+
+
+@contextmanager
+def _quiet_truncation_warnings() -> Iterator[None]:
+    """Silence diffusers' per-call truncation warning while ``warn_long_prompts`` speaks once instead."""
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion
+
+    stable_diffusion_logger = logging.getLogger(pipeline_stable_diffusion.__name__)
+    level = stable_diffusion_logger.level
+    stable_diffusion_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        stable_diffusion_logger.setLevel(level)
+
+
 def encode_prompts(
     pipe: StableDiffusionPipeline, prompts: Sequence[str], negative_prompt: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Text embeddings ``(cond, uncond)  # [B, L, D] each`` with the pipeline's own encoder."""
-    cond, uncond = pipe.encode_prompt(
-        list(prompts),
-        device=pipe.unet.device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=True,
-        negative_prompt=[negative_prompt] * len(prompts),
-    )
+    warn_long_prompts(pipe, [*prompts, negative_prompt])
+    with _quiet_truncation_warnings():
+        cond, uncond = pipe.encode_prompt(
+            list(prompts),
+            device=pipe.unet.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=[negative_prompt] * len(prompts),
+        )
     return cond, uncond
 
 

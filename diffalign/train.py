@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +21,17 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from diffalign import checkpoint, pipeline, plots, rewards
+from diffalign import checkpoint, outputs, pipeline, plots, rewards
 from diffalign import prompts as prompt_sets
-from diffalign.config import TrainConfig
+from diffalign.config import TrainConfig, load_config, resume_changes
 from diffalign.diffexp import DiffExp
+from diffalign.errors import DiffalignError
+from diffalign.evaluation import Evaluator
 from diffalign.optim import METHOD_CLASSES
 from diffalign.optim.base import TrainContext
-from diffalign.evaluation import Evaluator
 
 
-class RunExistsError(RuntimeError):
+class RunExistsError(DiffalignError, RuntimeError):
     """The output folder already holds a run; resuming or a new folder must be chosen explicitly."""
 
 
@@ -111,7 +113,7 @@ def train(
     method_class = METHOD_CLASSES[config.method]
     output = Path(config.output_dir)
     checkpoints = output / "checkpoints"
-    previous = checkpoint.latest(checkpoints) if checkpoints.exists() else None
+    previous = checkpoint.latest(checkpoints) if checkpoints.is_dir() else None
     if previous is not None and not resume:
         raise RunExistsError(
             f"{output} already holds a run (checkpoint {previous.name}). Pass --resume to continue it, "
@@ -119,19 +121,49 @@ def train(
         )
     if resume and previous is None:
         raise checkpoint.CheckpointError(f"--resume given but {checkpoints} has no checkpoint to resume from")
+    changes: dict[str, list] = {}
+    if resume:
+        if not (output / "config.yaml").is_file():
+            raise checkpoint.CheckpointError(
+                f"{output} has a checkpoint but no config.yaml, so its settings are unknown and --resume "
+                "cannot check that it continues the same experiment; restore config.yaml from a copy"
+            )
+        changes = resume_changes(load_config(output / "config.yaml"), config, output)
+    else:
+        outputs.check_new_run_folder(output)
 
     context = build_context(config, reward)
     accelerator, pipe, optimizer, reward = context.accelerator, context.pipe, context.optimizer, context.reward
     method = method_class(context, config)
+    # Every process has passed the checks above before the main process writes anything.
+    accelerator.wait_for_everyone()
 
     history: list[dict] = []
     start_epoch = 0
+    main = accelerator.is_main_process
+    if main:  # what interrupted writes of an earlier attempt left behind
+        outputs.remove_debris(output)
+        checkpoint.remove_debris(checkpoints)
     if previous is not None:
         state = checkpoint.load(previous, unet=pipe.unet, lora=config.lora.enabled, optimizer=optimizer)
         start_epoch, history = state["epoch"], state["history"]
         method.load_state_dict(state["method"])
-
-    main = accelerator.is_main_process
+        processes = [state.get("num_processes", 1), accelerator.num_processes]
+        if processes[0] != processes[1]:
+            changes["processes"] = processes
+            if main:
+                per_process = config.sample.batch_size * config.sample.num_batches_per_epoch
+                warnings.warn(
+                    f"resuming the run in {output} with {processes[1]} processes where it ran with {processes[0]}: "
+                    f"each epoch now samples {per_process * processes[1]} images instead of "
+                    f"{per_process * processes[0]}, and the remaining epochs draw other random streams than an "
+                    "uninterrupted run would (the change is recorded in resumes.jsonl)",
+                    stacklevel=2,
+                )
+        if main:
+            record = {"epoch": start_epoch, "changes": changes, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            with (output / "resumes.jsonl").open("a", encoding="utf-8") as stream:
+                stream.write(json.dumps(record) + "\n")
     metrics_path = output / "metrics.jsonl"
     eval_rewards = [reward] + [rewards.build(name) for name in config.eval.rewards if name != reward.name]
     evaluator = Evaluator(
@@ -148,9 +180,9 @@ def train(
     )
     if main:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), "utf-8")
+        outputs.write_text(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         # Metrics logged after the last checkpoint belong to epochs that will be redone.
-        metrics_path.write_text("".join(json.dumps(record) + "\n" for record in history), "utf-8")
+        outputs.write_text(metrics_path, "".join(json.dumps(record) + "\n" for record in history))
     if accelerator.log_with:
         accelerator.init_trackers("diffalign")
     if start_epoch == 0:
@@ -186,7 +218,7 @@ def train(
                     unet=pipe.unet,
                     lora=config.lora.enabled,
                     optimizer=optimizer,
-                    trainer_state={"history": history},
+                    trainer_state={"history": history, "num_processes": accelerator.num_processes},
                     method_state=method.state_dict(),
                     keep=config.keep_checkpoints,
                 )

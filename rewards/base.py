@@ -19,6 +19,8 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from diffalign.errors import DiffalignError
+
 
 @runtime_checkable
 class Reward(Protocol):
@@ -51,7 +53,7 @@ class CandidateReward(Reward, Protocol):
         ...
 
 
-class RewardError(ValueError):
+class RewardError(DiffalignError, ValueError):
     """A reward was asked for by a wrong name, or returned something unusable."""
 
 

@@ -22,15 +22,15 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import torch
-
 from diffalign.rewards.base import RewardError
+
+from diffalign import outputs
 from diffalign.shapes.grammar import (
     NUMBER_WORDS,
     RELATIONS,
@@ -402,15 +402,7 @@ class LanguageModelContrast:
         data = self._read_cache()
         data.setdefault(self.key, {})[prompt] = self._cache[prompt]
         self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.cache_file.parent, prefix=".lm-contrasts-",
-                                             suffix=".json")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                json.dump(data, stream, indent=1, ensure_ascii=False)
-            os.replace(temporary, self.cache_file)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        outputs.write_text(self.cache_file, json.dumps(data, indent=1, ensure_ascii=False))
 
 
 def parse_lines(generated: str, prompt: str) -> list[str]:

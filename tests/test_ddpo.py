@@ -48,7 +48,9 @@ def test_ppo_clip_loss_matches_hand_computation():
 
 
 def test_importance_ratio_is_exactly_one_before_the_first_update():
-    """Re-scoring every stored step in training mode, other batch layout, reproduces the sampler."""
+    """Re-scoring every stored step in training mode reproduces the sampler: bit for bit in the
+    sampling batch's layout, and to fp32 rounding in another layout (on some CPUs the kernels a
+    batch of 2 and a batch of 6 run round differently, by ~4e-7 in the log-prob)."""
     pipe = pipeline.load("tiny-random")
     pipeline.add_lora(pipe)
     accelerator = Accelerator()
@@ -59,6 +61,15 @@ def test_importance_ratio_is_exactly_one_before_the_first_update():
         generator=torch.Generator().manual_seed(0),
     )
     pipe.unet.train()
+    for step in range(5):  # the sampling layout: all six images at once
+        every = torch.full((6,), step)
+        noise = guided_noise(pipe.unet, trajectory.latents[:, step], trajectory.timesteps[every],
+                             trajectory.prompt_embeds, trajectory.negative_prompt_embeds,
+                             trajectory.guidance_scales[:, step])
+        _, log_prob = ddim_step_with_logprob(pipe.scheduler, noise, trajectory.timesteps[every],
+                                             trajectory.latents[:, step], eta=1.0,
+                                             prev_sample=trajectory.latents[:, step + 1])
+        assert torch.equal(log_prob, trajectory.log_probs[:, step])
     step_order = torch.stack([torch.randperm(5, generator=torch.Generator().manual_seed(i)) for i in range(6)])
     for start in range(0, 6, 2):
         rows = torch.arange(start, start + 2)
@@ -71,4 +82,4 @@ def test_importance_ratio_is_exactly_one_before_the_first_update():
                                                  trajectory.latents[rows, step], eta=1.0,
                                                  prev_sample=trajectory.latents[rows, step + 1])
             ratio = torch.exp(log_prob - trajectory.log_probs[rows, step])
-            assert torch.equal(ratio, torch.ones_like(ratio))
+            assert (ratio - 1).abs().max() < 1e-5

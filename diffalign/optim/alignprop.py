@@ -18,10 +18,15 @@ from torch.utils.checkpoint import checkpoint
 
 from diffalign import prompts as prompt_sets
 from diffalign.config import TrainConfig
-from diffalign.optim.base import TrainContext, clip_and_step
-from diffalign.optim.ddpo import TrainingDiverged
+from diffalign.optim.base import TrainContext, TrainingDiverged, clip_and_step
 from diffalign.rewards import checked_call
-from diffalign.sampling import ddim_step_with_logprob, decode_latents, encode_prompts, guided_noise, initial_latents
+from diffalign.sampling import (
+    ddim_step_with_logprob,
+    decode_latents,
+    encode_prompts,
+    guided_noise,
+    initial_latents,
+)
 
 
 @dataclass
@@ -112,7 +117,8 @@ class AlignProp:
                     scores = checked_call(context.reward, images, prompts)
                 loss = -config.alignprop.reward_scale * scores.mean()
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"AlignProp loss is {loss.item()}; stopping before the update")
+                    raise TrainingDiverged(f"AlignProp loss is {loss.item()}; stopping before the update: "
+                    "lower train.learning_rate, or check the scale of the reward")
                 context.accelerator.backward(loss)
                 clip_and_step(context, config.train.max_grad_norm)
             rewards.append(scores.detach())

@@ -10,11 +10,16 @@ from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 
 from diffalign import prompts as prompt_sets
+from diffalign.errors import DiffalignError
 from diffalign.rewards import Reward, checked_call
 from diffalign.sampling import Trajectory, initial_latents, sample
 
 if TYPE_CHECKING:
     from diffalign.diffexp import DiffExp
+
+
+class TrainingDiverged(DiffalignError, RuntimeError):
+    """A loss became NaN or infinite; training stops before the update rather than continue on garbage."""
 
 
 @dataclass

@@ -17,12 +17,8 @@ from collections import deque
 import torch
 
 from diffalign.config import TrainConfig
-from diffalign.optim.base import TrainContext, clip_and_step, collect_rollouts
+from diffalign.optim.base import TrainContext, TrainingDiverged, clip_and_step, collect_rollouts
 from diffalign.sampling import Trajectory, ddim_step_with_logprob, guided_noise
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; training stops rather than continue on garbage."""
 
 
 class PerPromptStatTracker:
@@ -184,7 +180,8 @@ class DDPO:
                         log_prob, trajectory.log_probs[rows, step], advantages[rows], config.ddpo.clip_range
                     )
                     if not torch.isfinite(loss):
-                        raise TrainingDiverged(f"DDPO loss is {loss.item()}; stopping before the update")
+                        raise TrainingDiverged(f"DDPO loss is {loss.item()}; stopping before the update: "
+                    "lower train.learning_rate, or check the scale of the reward")
                     context.accelerator.backward(loss)
                     clip_and_step(context, config.train.max_grad_norm)
                 stats["loss"].append(loss.detach())

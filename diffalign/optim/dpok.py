@@ -27,8 +27,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
 from diffalign.config import TrainConfig
-from diffalign.optim.base import TrainContext, clip_and_step, collect_rollouts
-from diffalign.optim.ddpo import TrainingDiverged, ppo_clip_loss
+from diffalign.optim.base import TrainContext, TrainingDiverged, clip_and_step, collect_rollouts
+from diffalign.optim.ddpo import ppo_clip_loss
 from diffalign.sampling import Trajectory, ddim_posterior, ddim_step_with_logprob, guided_noise
 
 
@@ -221,7 +221,8 @@ class DPOK:
             kl = kl_to_reference(mean, reference_mean, std).mean()
             loss = policy_loss + section.kl_weight * kl
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"DPOK loss is {loss.item()}; stopping before the update")
+                raise TrainingDiverged(f"DPOK loss is {loss.item()}; stopping before the update: "
+                    "lower train.learning_rate, or check the scale of the reward")
             context.accelerator.backward(loss)
             clip_and_step(context, config.train.max_grad_norm)
         stats["loss"].append(loss.detach())

@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from diffalign.errors import DiffalignError
+from diffalign.pipeline import dtype_argument
+
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 PIPELINE_DIR = WEIGHTS / "pipeline"
 CLIP_DIR = WEIGHTS / "clip"
@@ -38,7 +41,7 @@ _CLIP_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 _UNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 
-class ShapesWeightsError(RuntimeError):
+class ShapesWeightsError(DiffalignError, RuntimeError):
     """A shipped ShapesWorld weight file is missing or unreadable."""
 
 
@@ -68,7 +71,7 @@ def load_pipeline(folder: Path = PIPELINE_DIR, torch_dtype: torch.dtype = torch.
 
     _check(folder, _PIPELINE_FILES)
     return StableDiffusionPipeline.from_pretrained(
-        str(folder), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+        str(folder), **dtype_argument(torch_dtype), safety_checker=None, requires_safety_checker=False
     )
 
 
@@ -77,7 +80,7 @@ def load_clip(folder: Path = CLIP_DIR):
     from transformers import CLIPModel, CLIPTokenizer
 
     _check(folder, _CLIP_FILES)
-    model = CLIPModel.from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+    model = CLIPModel.from_pretrained(str(folder), dtype=torch.float32).eval()
     return model, CLIPTokenizer.from_pretrained(str(folder))
 
 
@@ -92,7 +95,7 @@ def load_inpainting_pipeline(
     unet_folder = INPAINT_UNET_DIR if unet_folder is None else unet_folder
     _check(unet_folder, _UNET_FILES, REBUILD_INPAINT)
     _check(base, _PIPELINE_FILES)
-    unet = UNet2DConditionModel.from_pretrained(str(unet_folder), torch_dtype=torch_dtype)
+    unet = UNet2DConditionModel.from_pretrained(str(unet_folder), **dtype_argument(torch_dtype))
     return StableDiffusionInpaintPipeline.from_pretrained(
-        str(base), unet=unet, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+        str(base), unet=unet, **dtype_argument(torch_dtype), safety_checker=None, requires_safety_checker=False
     )

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diffalign.errors import DiffalignError
 from diffalign.shapes.world import COLOURS, GAP, SHAPES, Scene, place
 
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
@@ -35,7 +36,7 @@ _EXAMPLES = "'a red circle', 'two blue squares' or 'a red circle left of a blue 
 _RELATION_RE = re.compile(r"^(?P<a>.+?) (?:to the |on the )?(?P<rel>left of|right of|above|below) (?P<b>.+)$")
 
 
-class PromptOutsideGrammar(ValueError):
+class PromptOutsideGrammar(DiffalignError, ValueError):
     """A prompt the ShapesWorld grammar cannot express."""
 
 

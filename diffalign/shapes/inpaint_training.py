@@ -26,9 +26,7 @@ Masks here follow diffusers (1 = repainted); ``diffalign.inpainting`` explains b
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -44,6 +42,7 @@ from diffusers.training_utils import EMAModel
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from diffalign import outputs
 from diffalign.shapes import assets, models
 from diffalign.shapes.detector import score
 from diffalign.shapes.grammar import parse, scene_for
@@ -251,10 +250,8 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file beside ``path`` and rename it over: a crash leaves the old
     checkpoint or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    with outputs.replacing(path) as temporary:
+        torch.save(state, temporary)
 
 
 def train_inpainting_unet(

@@ -1,0 +1,168 @@
+"""Where diffalign writes: the rules every command's outputs follow, in one place.
+
+- **No input is ever overwritten.** An output path that is (or resolves to, or is a hard link
+  of) one of the command's inputs is refused before any work starts.
+- **No existing output is replaced unless asked** (``--overwrite``); a new training run goes
+  only into a folder that does not exist or is empty.
+- **Nothing half-written is left under a final name.** Files are written under a hidden
+  temporary name beside their destination and renamed into place (``replacing``); if the write
+  fails (a full disk, a kill), the temporary file is removed, and ``remove_debris`` clears the
+  ones a hard kill left behind the next time the same folder is written.
+- **Checks come first**: a folder that cannot hold the output (its parent is a file, it is not
+  writable) is reported before minutes of sampling or protecting, not after.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from diffalign.errors import DiffalignError
+
+# Every temporary name diffalign writes starts with this, so leftovers are recognisable as its own.
+TEMPORARY_PREFIX = ".diffalign-tmp-"
+
+
+class OutputError(DiffalignError, ValueError):
+    """An output path would overwrite an input or an existing output, or cannot be written."""
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    if path.resolve() == other.resolve():
+        return True
+    try:
+        return path.exists() and other.exists() and os.path.samefile(path, other)
+    except OSError:
+        return False
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Refuse a folder that cannot be created or written: its nearest existing ancestor must be a
+    writable folder."""
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"cannot write into {str(folder)!r}: {str(existing)!r} is a file, not a folder")
+    # Try it: permission bits do not tell the whole story (root, read-only mounts, immutable folders).
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=TEMPORARY_PREFIX):
+            pass
+    except OSError as error:
+        raise OutputError(
+            f"cannot write into {str(folder)!r}: {str(existing)!r} is not writable ({error.strerror}); "
+            "choose a folder you can write to"
+        ) from error
+
+
+def check_output_file(
+    path: str | Path, *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False, what: str = "output"
+) -> Path:
+    """``path`` if the command may write it, else an ``OutputError`` saying why (nothing is written)."""
+    path = Path(path).expanduser()
+    for source in inputs:
+        if source is not None and _same_file(path, Path(source).expanduser()):
+            raise OutputError(
+                f"{what} {str(path)!r} is the input {str(source)!r}; diffalign never overwrites an input. "
+                "Choose another output name."
+            )
+    if path.is_dir():
+        raise OutputError(f"{what} {str(path)!r} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise OutputError(
+            f"{what} {str(path)!r} already exists; pass --overwrite to replace it, or choose another name "
+            "(nothing was written)"
+        )
+    check_writable_folder(path.parent)
+    return path
+
+
+def check_output_files(
+    paths: Iterable[str | Path], *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
+    what: str = "output",
+) -> list[Path]:
+    """``check_output_file`` for every file a command will write (e.g. the images of a folder)."""
+    inputs = list(inputs)
+    return [check_output_file(path, inputs=inputs, overwrite=overwrite, what=what) for path in paths]
+
+
+def check_new_run_folder(folder: str | Path) -> Path:
+    """A new run goes only into a folder that does not exist or is empty (hidden leftovers of
+    diffalign's own temporary files aside)."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output_dir {str(folder)!r} is a file, not a folder; choose another output_dir")
+    if folder.is_dir():
+        held = sorted(p.name for p in folder.iterdir() if not p.name.startswith(TEMPORARY_PREFIX))
+        if held:
+            shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+            raise OutputError(
+                f"output_dir {str(folder)!r} is not empty (it holds {shown}) and has no checkpoint to resume. "
+                "A new run goes only into a new or empty folder, so nothing there is overwritten: "
+                "choose another output_dir."
+            )
+    check_writable_folder(folder)
+    return folder
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` atomically,
+    on failure removed. The temporary name keeps the suffix, so writers that pick a format by
+    suffix still do."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{path.stem}-", suffix=path.suffix)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically, flushed to disk before the rename."""
+    path = Path(path)
+    with replacing(path) as temporary, open(temporary, "w", encoding="utf-8") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+    return path
+
+
+@contextmanager
+def staging_folder(final: str | Path) -> Iterator[Path]:
+    """A hidden folder beside ``final`` to fill; on success it replaces ``final`` (an existing
+    ``final`` is removed first), on failure it is removed."""
+    final = Path(final)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{TEMPORARY_PREFIX}{final.name}-"))
+    try:
+        yield staging
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def remove_debris(folder: str | Path) -> list[Path]:
+    """Remove the temporary files and folders an interrupted write left in ``folder``; returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for leftover in folder.glob(f"{TEMPORARY_PREFIX}*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+        removed.append(leftover)
+    return removed
