@@ -69,6 +69,7 @@ def _train_epilog() -> str:
     return (
         "methods (method=...; each starts from its preset in diffalign/presets/<method>.yaml):\n"
         "  ddpo       DDPO (Black et al. 2023): PPO-clip policy gradient on per-step log-probs\n"
+        "  grpo       GRPO (Flow-GRPO, Liu et al. 2025): DDPO with advantages relative to each prompt's image group\n"
         "  dpok       DPOK (Fan et al. 2023): policy gradient + KL to the pre-trained model + value baseline\n"
         "  alignprop  AlignProp (Prabhudesai et al. 2023): backprop of a differentiable reward through sampling\n\n"
         "exploration (exploration=...):\n"

@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -109,6 +110,11 @@ class LoraSection:
     enabled: bool = doc(True, "train a LoRA adapter (peft) instead of the full UNet")
     rank: int = doc(4, "LoRA rank; 4 is DDPO's choice for SD 1.x, enough for reward fine-tuning")
     alpha: float = doc(4.0, "LoRA scale numerator (effective scale alpha/rank)")
+    init: str = doc(
+        "default",
+        "down-projection init (peft's init_lora_weights): default = Kaiming-uniform, gaussian = N(0, 1/rank^2) as "
+        "ddpo-pytorch and trl; the up-projection starts at 0 either way, so the model starts unchanged",
+    )
     target_modules: list = doc(
         ["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA matrices (peft names; attention by default)"
     )
@@ -159,6 +165,16 @@ class DDPOSection:
     per_prompt_stat_tracking: bool = doc(True, "normalise rewards per prompt with running statistics")
     stat_buffer_size: int = doc(16, "rewards remembered per prompt for its statistics")
     stat_min_count: int = doc(4, "below this many rewards for a prompt, use the whole batch's statistics")
+
+
+@dataclass
+class GRPOSection:
+    """GRPO (Shao et al. 2024; on diffusion: Flow-GRPO, Liu et al. 2025; DanceGRPO, Xue et al. 2025)."""
+
+    clip_range: float = doc(1e-2, "PPO clip range on the per-step ratio (as ddpo.clip_range)")
+    adv_clip_max: float = doc(5.0, "advantages are clipped to [-this, this]")
+    std: str = doc("group", "advantage scale: group = each prompt group's own std (Flow-GRPO), batch = the batch's std")
+    kl_weight: float = doc(0.0, "beta: weight of the per-step KL to the reference (the UNet with the LoRA adapter off)")
 
 
 @dataclass
@@ -216,7 +232,7 @@ class EvalSection:
 class TrainConfig:
     """Everything one `diffalign train` run needs."""
 
-    method: str = doc("ddpo", "optimisation method: ddpo | dpok | alignprop")
+    method: str = doc("ddpo", "optimisation method: ddpo | grpo | dpok | alignprop")
     exploration: str = doc("none", "online sampling exploration: none | diffexp")
     model: str = doc("shapes", "pipeline: built-in name (shapes, tiny-random), local diffusers folder, or cached hub id")
     reward: str = doc(
@@ -237,6 +253,7 @@ class TrainConfig:
     sample: SampleSection = doc(SampleSection, "online sampling")
     train: OptimSection = doc(OptimSection, "optimizer and updates")
     ddpo: DDPOSection = doc(DDPOSection, "DDPO")
+    grpo: GRPOSection = doc(GRPOSection, "GRPO")
     dpok: DPOKSection = doc(DPOKSection, "DPOK")
     alignprop: AlignPropSection = doc(AlignPropSection, "AlignProp")
     diffexp: DiffExpSection = doc(DiffExpSection, "DiffExp exploration")
@@ -246,9 +263,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-METHODS = ("ddpo", "dpok", "alignprop")
+METHODS = ("ddpo", "grpo", "dpok", "alignprop")
 EXPLORATIONS = ("none", "diffexp")
-POLICY_GRADIENT_METHODS = ("ddpo", "dpok")
+POLICY_GRADIENT_METHODS = ("ddpo", "grpo", "dpok")
+LORA_INITS = ("default", "gaussian")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -483,9 +501,53 @@ def validate(config: TrainConfig) -> None:
         )
     if config.ddpo.clip_range <= 0 or config.ddpo.adv_clip_max <= 0:
         raise ConfigError("ddpo.clip_range and ddpo.adv_clip_max must be positive")
+    if config.lora.init not in LORA_INITS:
+        raise ConfigError(
+            f"unknown lora.init {config.lora.init!r}.{_suggest(config.lora.init, list(LORA_INITS))} "
+            f"Choose one of: {', '.join(LORA_INITS)}."
+        )
+    _validate_grpo(config)
+    _warn_if_clip_is_inert(config)
     _validate_dpok(config)
     if config.method == "alignprop":
         _validate_alignprop(config)
+
+
+def _validate_grpo(config: TrainConfig) -> None:
+    section = config.grpo
+    if section.clip_range <= 0 or section.adv_clip_max <= 0:
+        raise ConfigError("grpo.clip_range and grpo.adv_clip_max must be positive")
+    if section.std not in ("group", "batch"):
+        raise ConfigError(f"grpo.std must be group or batch, got {section.std!r}")
+    if section.kl_weight < 0:
+        raise ConfigError(f"grpo.kl_weight must not be negative, got {section.kl_weight}")
+    if config.method == "grpo":
+        if config.sample.images_per_prompt < 2:
+            raise ConfigError(
+                "grpo compares the images of one prompt with each other: sample.images_per_prompt must be at "
+                f"least 2, got {config.sample.images_per_prompt}"
+            )
+        if section.kl_weight > 0 and not config.lora.enabled:
+            raise ConfigError(
+                "grpo.kl_weight > 0 regularises towards the model with the LoRA adapter off, so it needs "
+                "lora.enabled=true"
+            )
+
+
+def _warn_if_clip_is_inert(config: TrainConfig) -> None:
+    """PPO's clip only acts on samples trained after the policy has moved: with one pass over the
+    epoch (train.inner_epochs = 1) and a single optimiser step per epoch, every ratio is exactly 1
+    and the run is plain REINFORCE. Allowed (it is a valid choice), but said."""
+    if config.method not in ("ddpo", "grpo") or config.train.inner_epochs > 1:
+        return
+    per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
+    if config.train.batch_size * config.train.gradient_accumulation_steps >= per_epoch:
+        warnings.warn(
+            f"{config.method}: train.gradient_accumulation_steps makes one optimiser step per epoch and "
+            "train.inner_epochs is 1, so every importance ratio is exactly 1 and the PPO clip never acts: "
+            "this run is plain REINFORCE. Set train.inner_epochs > 1 (or fewer accumulation steps) to use the clip.",
+            stacklevel=3,
+        )
 
 
 def _validate_alignprop(config: TrainConfig) -> None:

@@ -78,26 +78,35 @@ class Evaluator:
             chunks.append(trajectory.images)
         return torch.cat(chunks)
 
-    def run(self, pipe: StableDiffusionPipeline, epoch: int, accelerator: Accelerator) -> dict[str, float]:
-        """Sample every set under the current weights, score, save the grid; returns the metrics."""
+    def scores(
+        self, pipe: StableDiffusionPipeline, accelerator: Accelerator, *, grid_epoch: int | None = None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-image scores ``{prompt set: {reward: [size]}}`` of the current weights; the grid of the
+        first set is written only when ``grid_epoch`` is given."""
         was_training = pipe.unet.training
         pipe.unet.eval()
-        metrics: dict[str, float] = {}
+        scores: dict[str, dict[str, torch.Tensor]] = {}
         for index, (name, prompts) in enumerate(self.prompts.items()):
             images = self._images(pipe, prompts, accelerator)
-            scores = {reward.name: checked_call(reward, images, prompts) for reward in self.rewards}
-            for reward_name, values in scores.items():
-                metrics[f"eval/{name}/{reward_name}"] = values.mean().item()
-            if index == 0:
+            scores[name] = {reward.name: checked_call(reward, images, prompts).cpu() for reward in self.rewards}
+            if index == 0 and grid_epoch is not None:
                 shown = min(self.grid_size, len(prompts))
                 first = self.rewards[0].name
                 plots.save_grid(
                     images[:shown],
                     prompts[:shown],
-                    self.grid_folder / f"epoch-{epoch:04d}.png",
-                    scores=scores[first][:shown].tolist(),
-                    title=f"epoch {epoch} — {name}, {first} (mean of {len(prompts)}: "
-                    f"{scores[first].mean().item():.3g})",
+                    self.grid_folder / f"epoch-{grid_epoch:04d}.png",
+                    scores=scores[name][first][:shown].tolist(),
+                    title=f"epoch {grid_epoch} — {name}, {first} (mean of {len(prompts)}: "
+                    f"{scores[name][first].mean().item():.3g})",
                 )
         pipe.unet.train(was_training)
-        return metrics
+        return scores
+
+    def run(self, pipe: StableDiffusionPipeline, epoch: int, accelerator: Accelerator) -> dict[str, float]:
+        """Sample every set under the current weights, score, save the grid; returns the mean metrics."""
+        scores = self.scores(pipe, accelerator, grid_epoch=epoch)
+        return {
+            f"eval/{name}/{reward}": values.mean().item() for name, by_reward in scores.items()
+            for reward, values in by_reward.items()
+        }

@@ -217,16 +217,24 @@ def add_lora(
     rank: int = 4,
     alpha: float | None = None,
     target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    init: str = "default",
 ) -> None:
     """Attach a trainable LoRA adapter (peft) to the UNet and freeze everything else.
 
-    peft's default init sets the up-projection to zero, so right after this call the
-    pipeline computes exactly what the base model does (DDPO's first ratio is 1, DPOK's KL is 0).
+    Both inits set the up-projection B to zero, so right after this call the pipeline computes
+    exactly what the base model does (DDPO's first ratio is 1, DPOK's KL is 0). They differ in
+    the down-projection A: ``default`` is peft's Kaiming-uniform, ``gaussian`` is N(0, 1/rank²)
+    as ddpo-pytorch and trl initialise it. Early in training an Adam update moves B by about the
+    learning rate per entry whatever A is, so the weight change ΔW = (alpha/rank)·B·A scales
+    with |A|: a larger A is the same as a larger ``alpha`` (or learning rate, to first order).
     """
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     pipe.unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), init_lora_weights=True)
+    init_lora_weights = {"default": True, "gaussian": "gaussian"}[init]
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), init_lora_weights=init_lora_weights
+    )
     pipe.unet.add_adapter(config)
 
 

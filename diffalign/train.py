@@ -76,7 +76,11 @@ def build_context(config: TrainConfig, reward: rewards.Reward | None = None) -> 
     )
     if config.lora.enabled:
         pipeline.add_lora(
-            pipe, rank=config.lora.rank, alpha=config.lora.alpha, target_modules=tuple(config.lora.target_modules)
+            pipe,
+            rank=config.lora.rank,
+            alpha=config.lora.alpha,
+            target_modules=tuple(config.lora.target_modules),
+            init=config.lora.init,
         )
     else:
         pipe.vae.requires_grad_(False)
@@ -102,6 +106,179 @@ def build_context(config: TrainConfig, reward: rewards.Reward | None = None) -> 
     return TrainContext(pipe, unet, optimizer, accelerator, reward, prompt_list, parameters, exploration)
 
 
+class Trainer:
+    """One training run, step by step: what ``train`` loops over, for studies that need each epoch.
+
+    ``Trainer(config)`` checks the output folder, builds the pipeline, method and evaluator and
+    (with ``resume=True``) restores the last checkpoint; ``evaluate()`` scores the fixed
+    evaluation samples and ``run_epoch()`` trains one epoch and returns its record, with the
+    seconds spent sampling (and rewarding) and training in ``sampling_seconds`` and
+    ``training_seconds``; ``finish()`` writes the adapter and the curves. Records are appended
+    to ``metrics.jsonl`` and checkpoints written as ``train`` does, so a run driven by hand
+    resumes like any other.
+
+        trainer = Trainer(load_config(None, ["method=grpo", "output_dir=runs/x"]))
+        trainer.evaluate()                       # epoch 0: the base model
+        while trainer.epoch < trainer.config.epochs:
+            record = trainer.run_epoch()
+        result = trainer.finish()
+    """
+
+    def __init__(self, config: TrainConfig, *, reward: rewards.Reward | None = None, resume: bool = False):
+        self.config = config
+        self.output = output = Path(config.output_dir)
+        self.checkpoints = checkpoints = output / "checkpoints"
+        previous = checkpoint.latest(checkpoints) if checkpoints.is_dir() else None
+        if previous is not None and not resume:
+            raise RunExistsError(
+                f"{output} already holds a run (checkpoint {previous.name}). Pass --resume to continue it, "
+                "or choose another output_dir; nothing was changed."
+            )
+        if resume and previous is None:
+            raise checkpoint.CheckpointError(f"--resume given but {checkpoints} has no checkpoint to resume from")
+        changes: dict[str, list] = {}
+        if resume:
+            if not (output / "config.yaml").is_file():
+                raise checkpoint.CheckpointError(
+                    f"{output} has a checkpoint but no config.yaml, so its settings are unknown and --resume "
+                    "cannot check that it continues the same experiment; restore config.yaml from a copy"
+                )
+            changes = resume_changes(load_config(output / "config.yaml"), config, output)
+        else:
+            outputs.check_new_run_folder(output)
+
+        self.context = context = build_context(config, reward)
+        self.accelerator = accelerator = context.accelerator
+        self.pipe, self.reward = context.pipe, context.reward
+        self.method = METHOD_CLASSES[config.method](context, config)
+        # Every process has passed the checks above before the main process writes anything.
+        accelerator.wait_for_everyone()
+
+        self.history: list[dict] = []
+        self.epoch = 0
+        self.main = main = accelerator.is_main_process
+        if main:  # what interrupted writes of an earlier attempt left behind
+            outputs.remove_debris(output)
+            checkpoint.remove_debris(checkpoints)
+        if previous is not None:
+            self._restore(previous, changes)
+        self.metrics_path = output / "metrics.jsonl"
+        eval_rewards = [self.reward] + [rewards.build(name) for name in config.eval.rewards if name != self.reward.name]
+        self.evaluator = Evaluator(
+            self.pipe,
+            prompt_set_names=config.eval.prompt_sets or [config.prompts],
+            size=config.eval.size,
+            rewards=eval_rewards,
+            num_steps=config.sample.num_steps,
+            guidance_scale=config.sample.guidance_scale,
+            negative_prompt=config.sample.negative_prompt,
+            seed=config.seed,
+            grid_folder=output / "samples",
+            grid_size=config.eval.grid_size,
+        )
+        if main:
+            output.mkdir(parents=True, exist_ok=True)
+            outputs.write_text(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+            # Metrics logged after the last checkpoint belong to epochs that will be redone.
+            outputs.write_text(self.metrics_path, "".join(json.dumps(record) + "\n" for record in self.history))
+        if accelerator.log_with:
+            accelerator.init_trackers("diffalign")
+
+    def _restore(self, previous: Path, changes: dict[str, list]) -> None:
+        config, accelerator = self.config, self.accelerator
+        state = checkpoint.load(
+            previous, unet=self.pipe.unet, lora=config.lora.enabled, optimizer=self.context.optimizer
+        )
+        self.epoch, self.history = state["epoch"], state["history"]
+        self.method.load_state_dict(state["method"])
+        processes = [state.get("num_processes", 1), accelerator.num_processes]
+        if processes[0] != processes[1]:
+            changes["processes"] = processes
+            if self.main:
+                per_process = config.sample.batch_size * config.sample.num_batches_per_epoch
+                warnings.warn(
+                    f"resuming the run in {self.output} with {processes[1]} processes where it ran with "
+                    f"{processes[0]}: each epoch now samples {per_process * processes[1]} images instead of "
+                    f"{per_process * processes[0]}, and the remaining epochs draw other random streams than an "
+                    "uninterrupted run would (the change is recorded in resumes.jsonl)",
+                    stacklevel=3,
+                )
+        if self.main:
+            record = {"epoch": self.epoch, "changes": changes, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            with (self.output / "resumes.jsonl").open("a", encoding="utf-8") as stream:
+                stream.write(json.dumps(record) + "\n")
+
+    def _append(self, record: dict) -> None:
+        self.history.append(record)
+        if self.main:
+            with self.metrics_path.open("a", encoding="utf-8") as stream:
+                stream.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> dict[str, float]:
+        """Fixed-noise evaluation of the current weights (main process; saves the sample grid).
+
+        At epoch 0 of a new run this also records the base model as the first ``metrics.jsonl``
+        record, the "before" of every before/after comparison.
+        """
+        metrics = self.evaluator.run(self.pipe, self.epoch, self.accelerator) if self.main else {}
+        if self.epoch == 0 and not self.history:
+            self._append({"epoch": 0, "samples_seen": 0, **metrics})
+        return metrics
+
+    def run_epoch(self) -> dict:
+        """Train one epoch (evaluating and checkpointing when the config says) and return its record."""
+        config, accelerator = self.config, self.accelerator
+        generator = torch.Generator().manual_seed(epoch_seed(config.seed, self.epoch, accelerator.process_index))
+        started = time.perf_counter()
+        metrics = self.method.run_epoch(self.epoch, generator)
+        seconds = time.perf_counter() - started
+        self.epoch = done = self.epoch + 1
+        seen = (self.history[-1]["samples_seen"] if self.history else 0) + metrics["samples"]
+        record = {"epoch": done, **metrics, "samples_seen": seen, "seconds": seconds}
+        record.setdefault("training_seconds", seconds - record.get("sampling_seconds", 0.0))
+        if self.main and (done % config.eval.every == 0 or done == config.epochs):
+            record.update(self.evaluator.run(self.pipe, done, accelerator))
+        self._append(record)
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
+        if done % config.save_every == 0 or done == config.epochs:
+            self.save_checkpoint()
+        return record
+
+    def save_checkpoint(self) -> None:
+        """Write the state after the current epoch (main process), atomically."""
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            checkpoint.save(
+                self.checkpoints,
+                epoch=self.epoch,
+                unet=self.pipe.unet,
+                lora=self.config.lora.enabled,
+                optimizer=self.context.optimizer,
+                trainer_state={"history": self.history, "num_processes": self.accelerator.num_processes},
+                method_state=self.method.state_dict(),
+                keep=self.config.keep_checkpoints,
+            )
+
+    def finish(self) -> TrainResult:
+        """Write the trained adapter (or UNet) and the curves; returns where everything is."""
+        config, accelerator = self.config, self.accelerator
+        accelerator.wait_for_everyone()
+        lora_dir = None
+        if self.main:
+            if config.lora.enabled:
+                lora_dir = self.output / "lora"
+                pipeline.save_lora(self.pipe.unet, lora_dir)
+            else:
+                self.pipe.unet.save_pretrained(self.output / "unet")
+            eval_keys = sorted({key for record in self.history for key in record if key.startswith("eval/")})
+            plots.save_curves(
+                self.history, ["reward_mean", *eval_keys], self.output / "reward_curve.png",
+                title=f"{config.method} on {config.model} — {config.reward}",
+            )
+        accelerator.end_training()
+        return TrainResult(self.output, self.history, lora_dir, self.main)
+
+
 def train(
     config: TrainConfig, *, reward: rewards.Reward | None = None, resume: bool = False, progress: bool = True
 ) -> TrainResult:
@@ -110,130 +287,13 @@ def train(
     ``reward`` replaces the registry reward named in the config: the way to train on a reward
     written in user code.
     """
-    method_class = METHOD_CLASSES[config.method]
-    output = Path(config.output_dir)
-    checkpoints = output / "checkpoints"
-    previous = checkpoint.latest(checkpoints) if checkpoints.is_dir() else None
-    if previous is not None and not resume:
-        raise RunExistsError(
-            f"{output} already holds a run (checkpoint {previous.name}). Pass --resume to continue it, "
-            "or choose another output_dir; nothing was changed."
-        )
-    if resume and previous is None:
-        raise checkpoint.CheckpointError(f"--resume given but {checkpoints} has no checkpoint to resume from")
-    changes: dict[str, list] = {}
-    if resume:
-        if not (output / "config.yaml").is_file():
-            raise checkpoint.CheckpointError(
-                f"{output} has a checkpoint but no config.yaml, so its settings are unknown and --resume "
-                "cannot check that it continues the same experiment; restore config.yaml from a copy"
-            )
-        changes = resume_changes(load_config(output / "config.yaml"), config, output)
-    else:
-        outputs.check_new_run_folder(output)
-
-    context = build_context(config, reward)
-    accelerator, pipe, optimizer, reward = context.accelerator, context.pipe, context.optimizer, context.reward
-    method = method_class(context, config)
-    # Every process has passed the checks above before the main process writes anything.
-    accelerator.wait_for_everyone()
-
-    history: list[dict] = []
-    start_epoch = 0
-    main = accelerator.is_main_process
-    if main:  # what interrupted writes of an earlier attempt left behind
-        outputs.remove_debris(output)
-        checkpoint.remove_debris(checkpoints)
-    if previous is not None:
-        state = checkpoint.load(previous, unet=pipe.unet, lora=config.lora.enabled, optimizer=optimizer)
-        start_epoch, history = state["epoch"], state["history"]
-        method.load_state_dict(state["method"])
-        processes = [state.get("num_processes", 1), accelerator.num_processes]
-        if processes[0] != processes[1]:
-            changes["processes"] = processes
-            if main:
-                per_process = config.sample.batch_size * config.sample.num_batches_per_epoch
-                warnings.warn(
-                    f"resuming the run in {output} with {processes[1]} processes where it ran with {processes[0]}: "
-                    f"each epoch now samples {per_process * processes[1]} images instead of "
-                    f"{per_process * processes[0]}, and the remaining epochs draw other random streams than an "
-                    "uninterrupted run would (the change is recorded in resumes.jsonl)",
-                    stacklevel=2,
-                )
-        if main:
-            record = {"epoch": start_epoch, "changes": changes, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            with (output / "resumes.jsonl").open("a", encoding="utf-8") as stream:
-                stream.write(json.dumps(record) + "\n")
-    metrics_path = output / "metrics.jsonl"
-    eval_rewards = [reward] + [rewards.build(name) for name in config.eval.rewards if name != reward.name]
-    evaluator = Evaluator(
-        pipe,
-        prompt_set_names=config.eval.prompt_sets or [config.prompts],
-        size=config.eval.size,
-        rewards=eval_rewards,
-        num_steps=config.sample.num_steps,
-        guidance_scale=config.sample.guidance_scale,
-        negative_prompt=config.sample.negative_prompt,
-        seed=config.seed,
-        grid_folder=output / "samples",
-        grid_size=config.eval.grid_size,
+    trainer = Trainer(config, reward=reward, resume=resume)
+    if trainer.epoch == 0:
+        trainer.evaluate()
+    bar = tqdm(
+        range(trainer.epoch, config.epochs), desc=f"{config.method} epochs", disable=not (progress and trainer.main)
     )
-    if main:
-        output.mkdir(parents=True, exist_ok=True)
-        outputs.write_text(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        # Metrics logged after the last checkpoint belong to epochs that will be redone.
-        outputs.write_text(metrics_path, "".join(json.dumps(record) + "\n" for record in history))
-    if accelerator.log_with:
-        accelerator.init_trackers("diffalign")
-    if start_epoch == 0:
-        # Epoch 0 is the base model: the "before" of every before/after comparison.
-        history.append({"epoch": 0, "samples_seen": 0})
-        if main:
-            history[0].update(evaluator.run(pipe, 0, accelerator))
-            with metrics_path.open("a", encoding="utf-8") as stream:
-                stream.write(json.dumps(history[0]) + "\n")
-
-    bar = tqdm(range(start_epoch, config.epochs), desc=f"{config.method} epochs", disable=not (progress and main))
-    for epoch in bar:
-        generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch, accelerator.process_index))
-        started = time.perf_counter()
-        metrics = method.run_epoch(epoch, generator)
-        done = epoch + 1
-        seen = history[-1]["samples_seen"] + metrics["samples"]
-        record = {"epoch": done, **metrics, "samples_seen": seen, "seconds": time.perf_counter() - started}
-        if main and (done % config.eval.every == 0 or done == config.epochs):
-            record.update(evaluator.run(pipe, done, accelerator))
-        history.append(record)
+    for _ in bar:
+        record = trainer.run_epoch()
         bar.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.3g}")
-        if main:
-            with metrics_path.open("a", encoding="utf-8") as stream:
-                stream.write(json.dumps(record) + "\n")
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=done)
-        if done % config.save_every == 0 or done == config.epochs:
-            accelerator.wait_for_everyone()
-            if main:
-                checkpoint.save(
-                    checkpoints,
-                    epoch=done,
-                    unet=pipe.unet,
-                    lora=config.lora.enabled,
-                    optimizer=optimizer,
-                    trainer_state={"history": history, "num_processes": accelerator.num_processes},
-                    method_state=method.state_dict(),
-                    keep=config.keep_checkpoints,
-                )
-    accelerator.wait_for_everyone()
-    lora_dir = None
-    if main:
-        if config.lora.enabled:
-            lora_dir = output / "lora"
-            pipeline.save_lora(pipe.unet, lora_dir)
-        else:
-            pipe.unet.save_pretrained(output / "unet")
-        eval_keys = sorted({key for record in history for key in record if key.startswith("eval/")})
-        plots.save_curves(
-            history, ["reward_mean", *eval_keys], output / "reward_curve.png",
-            title=f"{config.method} on {config.model} — {config.reward}",
-        )
-    accelerator.end_training()
-    return TrainResult(output, history, lora_dir, main)
+    return trainer.finish()

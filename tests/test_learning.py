@@ -95,3 +95,13 @@ def test_dpok_follows_a_reward(tmp_path):
     history = train(config, reward=Brightness(), progress=False).history
     rise, margin = _rise_and_margin(history)
     assert rise > margin, f"brightness rose by {rise:.4f}, needed > {margin:.4f}"
+
+
+def test_grpo_follows_a_reward(tmp_path):
+    config = load_config(None, [
+        f"output_dir={tmp_path / 'run'}", "method=grpo", "epochs=5", "train.learning_rate=1e-2",
+        "grpo.clip_range=1e-2", *SHORT_JOB, "sample.images_per_prompt=4",
+    ])
+    history = train(config, reward=Brightness(), progress=False).history
+    rise, margin = _rise_and_margin(history)
+    assert rise > margin, f"brightness rose by {rise:.4f}, needed > {margin:.4f}"

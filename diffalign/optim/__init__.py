@@ -4,7 +4,8 @@ from diffalign.optim.alignprop import AlignProp
 from diffalign.optim.base import TrainingDiverged
 from diffalign.optim.ddpo import DDPO, PerPromptStatTracker
 from diffalign.optim.dpok import DPOK
+from diffalign.optim.grpo import GRPO
 
-METHOD_CLASSES = {"ddpo": DDPO, "dpok": DPOK, "alignprop": AlignProp}
+METHOD_CLASSES = {"ddpo": DDPO, "grpo": GRPO, "dpok": DPOK, "alignprop": AlignProp}
 
-__all__ = ["DDPO", "DPOK", "AlignProp", "METHOD_CLASSES", "PerPromptStatTracker", "TrainingDiverged"]
+__all__ = ["DDPO", "GRPO", "DPOK", "AlignProp", "METHOD_CLASSES", "PerPromptStatTracker", "TrainingDiverged"]

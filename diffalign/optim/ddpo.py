@@ -12,6 +12,7 @@ with gradients accumulated over samples and timesteps.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import torch
@@ -112,6 +113,7 @@ class DDPO:
 
     def run_epoch(self, epoch: int, generator: torch.Generator) -> dict[str, float]:
         config, context = self.config, self.context
+        started = time.perf_counter()
         trajectory, rewards = collect_rollouts(
             context,
             batch_size=config.sample.batch_size,
@@ -124,7 +126,8 @@ class DDPO:
             negative_prompt=config.sample.negative_prompt,
             generator=generator,
         )
-        advantages = advantages_for(context, self.tracker, trajectory.prompts, rewards, config.ddpo.adv_clip_max)
+        sampling_seconds = time.perf_counter() - started
+        advantages = self.advantages(trajectory.prompts, rewards)
         stats: dict[str, list[torch.Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": []}
         for _ in range(config.train.inner_epochs):
             self._inner_epoch(trajectory, advantages, generator, stats)
@@ -133,10 +136,25 @@ class DDPO:
             "reward_mean": all_rewards.mean().item(),
             "reward_std": all_rewards.std(unbiased=False).item(),
             "samples": int(all_rewards.numel()),
+            "sampling_seconds": sampling_seconds,
         }
         for name, values in stats.items():
             metrics[name] = context.accelerator.reduce(torch.stack(values).mean(), reduction="mean").item()
         return metrics
+
+    def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """This process's advantages ``[N]``: rewards normalised per prompt (DDPO §5.1), over all processes."""
+        return advantages_for(self.context, self.tracker, prompts, rewards, self.config.ddpo.adv_clip_max)
+
+    @property
+    def clip_range(self) -> float:
+        return self.config.ddpo.clip_range
+
+    def regulariser(
+        self, trajectory: Trajectory, rows: torch.Tensor, step: torch.Tensor, noise_pred: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Extra loss terms for these steps, by name (added to the loss and logged); DDPO has none."""
+        return {}
 
     def _inner_epoch(
         self,
@@ -177,8 +195,11 @@ class DDPO:
                         prev_sample=trajectory.latents[rows, step + 1],
                     )
                     loss, step_stats = ppo_clip_loss(
-                        log_prob, trajectory.log_probs[rows, step], advantages[rows], config.ddpo.clip_range
+                        log_prob, trajectory.log_probs[rows, step], advantages[rows], self.clip_range
                     )
+                    for name, term in self.regulariser(trajectory, rows, step, noise_pred).items():
+                        loss = loss + term
+                        step_stats[name] = term.detach()
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(f"DDPO loss is {loss.item()}; stopping before the update: "
                     "lower train.learning_rate, or check the scale of the reward")
@@ -186,7 +207,7 @@ class DDPO:
                     clip_and_step(context, config.train.max_grad_norm)
                 stats["loss"].append(loss.detach())
                 for name, value in step_stats.items():
-                    stats[name].append(value)
+                    stats.setdefault(name, []).append(value)
 
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state_dict() if self.tracker else None}

@@ -18,6 +18,7 @@ of the UNet is held in memory.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import fields, replace
 from typing import Iterator
@@ -140,6 +141,7 @@ class DPOK:
 
     def run_epoch(self, epoch: int, generator: torch.Generator) -> dict[str, float]:
         config, context = self.config, self.context
+        started = time.perf_counter()
         trajectory, rewards = collect_rollouts(
             context,
             batch_size=config.sample.batch_size,
@@ -152,6 +154,7 @@ class DPOK:
             negative_prompt=config.sample.negative_prompt,
             generator=generator,
         )
+        sampling_seconds = time.perf_counter() - started
         self.buffer.add(trajectory, rewards)
         value_losses = [self._value_update(generator) for _ in range(config.dpok.value_updates_per_epoch)]
         stats: dict[str, list[torch.Tensor]] = {
@@ -165,6 +168,7 @@ class DPOK:
             "reward_std": all_rewards.std(unbiased=False).item(),
             "samples": int(all_rewards.numel()),
             "value_loss": float(torch.stack(value_losses).mean()),
+            "sampling_seconds": sampling_seconds,
         }
         for name, values in stats.items():
             metrics[name] = context.accelerator.reduce(torch.stack(values).mean(), reduction="mean").item()
