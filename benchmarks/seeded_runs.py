@@ -35,10 +35,13 @@ def train_one(args: tuple[str, int, list[str], list[str], int]) -> dict:
     started = time.perf_counter()
     history = train(load_config(None, overrides), progress=False).history
     evaluated = [record for record in history if keys[0] in record]
+    # Training seconds (sampling, rewarding, updates; not evaluation) up to each evaluated epoch.
+    elapsed = np.cumsum([record.get("seconds", 0.0) for record in history])
     return {
         "variant": variant,
         "seed": seed,
         "seconds": time.perf_counter() - started,
+        "train_seconds": [float(elapsed[history.index(record)]) for record in evaluated],
         "queries": [record["samples_seen"] for record in evaluated],
         "curves": {key: [record[key] for record in evaluated if key in record] for key in keys},
     }

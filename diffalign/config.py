@@ -226,6 +226,8 @@ class EvalSection:
     )
     rewards: list = doc(["shapes-oracle"], "rewards scored besides the training reward (e.g. the exact oracle)")
     grid_size: int = doc(8, "images of the first prompt set shown in each samples/epoch-NNNN.png")
+    num_steps: int = doc(0, "DDIM steps of the evaluation samples; 0 = sample.num_steps (train with fewer steps "
+                         "than you evaluate with by setting both)")
 
 
 @dataclass
@@ -461,6 +463,8 @@ def validate(config: TrainConfig) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
+    if config.eval.num_steps < 0:
+        raise ConfigError(f"eval.num_steps must be 0 (= sample.num_steps) or positive, got {config.eval.num_steps}")
     if config.train.learning_rate <= 0:
         raise ConfigError(f"train.learning_rate must be positive, got {config.train.learning_rate}")
     if not 0 < config.train.timestep_fraction <= 1:

@@ -169,7 +169,7 @@ class Trainer:
             prompt_set_names=config.eval.prompt_sets or [config.prompts],
             size=config.eval.size,
             rewards=eval_rewards,
-            num_steps=config.sample.num_steps,
+            num_steps=config.eval.num_steps or config.sample.num_steps,
             guidance_scale=config.sample.guidance_scale,
             negative_prompt=config.sample.negative_prompt,
             seed=config.seed,

@@ -1,0 +1,279 @@
+"""Can policy gradients learn ShapesWorld's ground truth on a CPU budget? DDPO and GRPO variants,
+trained with the exact oracle (``shapes-oracle``) as their reward on the count prompts.
+
+The target (issue: policy gradients that learn): oracle alignment on the training prompts up
+by at least +0.05 in each of 3 seeds within 30 CPU minutes per run. Every variant is one list
+of config overrides on top of the shared settings below, so each figure comes with the command
+that reproduces it:
+
+    python -m diffalign.benchmarks.policy_gradient --output results/policy_gradient        # all, 3 seeds
+    python -m diffalign.benchmarks.policy_gradient --variants grpo --seeds 0 --epochs 10   # one screen
+    python -m diffalign.benchmarks.policy_gradient --quick                                   # smoke run
+
+Each run is evaluated with fixed noise (DDIM η = 0, 20 steps) on 64 count prompts and 64
+held-out prompts every ``--eval-every`` epochs; curves are kept against reward queries and
+against training seconds (sampling, rewarding and updating; evaluation excluded). It writes
+``policy_gradient.json`` (every curve, per-variant summary) and ``policy_gradient.png`` into
+``--output`` (default ``./results/policy_gradient/``). trl's DDPOTrainer on the same problem is
+run by ``benchmarks/peers/trl_ddpo.py`` in its own environment; ``--peer DIR`` adds its
+metrics.jsonl files (one folder per seed) to the table and plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from diffalign.benchmarks import seeded_runs
+
+TRAIN_ORACLE = "eval/shapes-count/shapes-oracle"
+HELDOUT_ORACLE = "eval/shapes-heldout/shapes-oracle"
+CURVES = {
+    "oracle alignment, count prompts": TRAIN_ORACLE,
+    "oracle alignment, held-out prompts": HELDOUT_ORACLE,
+}
+# Levers, each measured as a variant (README "Policy gradients on a CPU budget").
+VARIANTS: dict[str, list[str]] = {
+    # DDPO as diffalign's defaults have it: per-prompt statistics, 8 optimiser steps of 4 images per epoch.
+    "ddpo": ["method=ddpo"],
+    # The same with ddpo-pytorch's and trl's LoRA initialisation (A ~ N(0, 1/r^2)): ~4x larger steps.
+    "ddpo-gaussian": ["method=ddpo", "lora.init=gaussian"],
+    # What the clip exists for: 4 passes over each epoch's samples.
+    "ddpo-ppo4": ["method=ddpo", "lora.init=gaussian", "train.inner_epochs=4"],
+    # Group-relative advantages over 8 images per prompt (Flow-GRPO, DanceGRPO).
+    "grpo": ["method=grpo", "lora.init=gaussian", "sample.images_per_prompt=8"],
+    # ... from one shared x_T per group (DanceGRPO), so advantages credit only the sampled steps.
+    "grpo-shared-noise": [
+        "method=grpo",
+        "lora.init=gaussian",
+        "sample.images_per_prompt=8",
+        "sample.shared_initial_noise=true",
+    ],
+    # ... sampled with 10 steps in training (evaluated with 20): twice the queries per CPU second.
+    "grpo-10-steps": [
+        "method=grpo",
+        "lora.init=gaussian",
+        "sample.images_per_prompt=8",
+        "sample.num_steps=10",
+        "eval.num_steps=20",
+    ],
+}
+
+
+@dataclass
+class Study:
+    """The settings every run shares."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    epochs: int = 60
+    samples_per_epoch: int = 64
+    eval_every: int = 10
+    eval_size: int = 64
+    learning_rate: float = 1e-3
+    target_gain: float = 0.05
+    extra: list[str] = field(default_factory=list)
+
+    def overrides(self, variant: str, seed: int, output_dir: Path) -> list[str]:
+        batch = min(16, self.samples_per_epoch)
+        return [
+            "model=shapes",
+            "reward=shapes-oracle",
+            "prompts=shapes-count",
+            "exploration=none",
+            f"seed={seed}",
+            f"epochs={self.epochs}",
+            f"output_dir={output_dir}",
+            "sample.num_steps=20",
+            f"sample.batch_size={batch}",
+            f"sample.num_batches_per_epoch={self.samples_per_epoch // batch}",
+            f"train.learning_rate={self.learning_rate}",
+            f"eval.every={self.eval_every}",
+            f"eval.size={self.eval_size}",
+            "eval.prompt_sets=[shapes-count, shapes-heldout]",
+            "eval.rewards=[]",
+            "save_every=1000",
+            "keep_checkpoints=1",
+            "tensorboard=false",
+            *VARIANTS[variant],
+            *self.extra,
+        ]
+
+
+def read_peer(folder: Path, name: str = "trl-ddpo") -> list[dict]:
+    """Runs of ``benchmarks/peers/trl_ddpo.py`` (one sub-folder with metrics.jsonl per seed) as study runs."""
+    runs = []
+    for metrics in sorted(Path(folder).glob("*/metrics.jsonl")):
+        history = [json.loads(line) for line in metrics.read_text("utf-8").splitlines() if line.strip()]
+        evaluated = [record for record in history if TRAIN_ORACLE in record]
+        elapsed = np.cumsum([record.get("seconds", 0.0) for record in history])
+        runs.append(
+            {
+                "variant": name,
+                "seed": history[-1].get("seed", len(runs)),
+                "seconds": float(elapsed[-1]),
+                "train_seconds": [float(elapsed[history.index(record)]) for record in evaluated],
+                "queries": [record["samples_seen"] for record in evaluated],
+                "curves": {
+                    key: [record[key] for record in evaluated if key in record] for key in CURVES.values()
+                },
+            }
+        )
+    return runs
+
+
+def summarise(runs: list[dict], target_gain: float) -> dict:
+    return seeded_runs.summarise(runs, list(CURVES.values()), TRAIN_ORACLE, target_gain)
+
+
+def plot(runs: list[dict], summary: dict, path: Path) -> None:
+    """Count-prompt oracle change against reward queries (mean, min..max band) and against
+    training seconds (each run), and the held-out change against queries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for index, (variant, entry) in enumerate(summary["variants"].items()):
+        colour = f"C{index}"
+        for axis, key in ((axes[0], TRAIN_ORACLE), (axes[2], HELDOUT_ORACLE)):
+            change = entry["change"][key]
+            axis.plot(entry["queries"], change["mean"], marker="o", markersize=3, color=colour, label=variant)
+            axis.fill_between(entry["queries"], change["min"], change["max"], color=colour, alpha=0.12)
+        for run in (r for r in runs if r["variant"] == variant):
+            curve = np.array(run["curves"][TRAIN_ORACLE])
+            axes[1].plot(
+                np.array(run["train_seconds"]) / 60,
+                curve - curve[0],
+                color=colour,
+                alpha=0.7,
+                label=variant if run is next(r for r in runs if r["variant"] == variant) else None,
+            )
+    for axis, title, xlabel in (
+        (axes[0], "oracle alignment, count prompts", "reward queries"),
+        (axes[1], "oracle alignment, count prompts (each seed)", "training CPU minutes"),
+        (axes[2], "oracle alignment, held-out prompts", "reward queries"),
+    ):
+        axis.axhline(0, color="black", linewidth=0.6)
+        axis.set_title(f"{title}: change", fontsize=10)
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+    for axis in axes[:2]:
+        axis.axhline(summary["target_gain"], color="grey", linestyle=":")
+    axes[0].legend(fontsize=8)
+    figure.suptitle("Policy gradients with the exact oracle as reward, ShapesWorld count prompts")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def format_table(summary: dict) -> str:
+    lines = [
+        "changes since each seed's base model, final, mean ± std over seeds (per seed); "
+        f"target: count-prompt "
+        f"oracle {summary['target_gain']:+.2f} in every seed",
+        f"{'variant':<18} {'Δ oracle, count prompts':<44} {'Δ oracle, held-out':<18} "
+        f"{'queries':>8} {'min/run':>8}",
+    ]
+    for variant, entry in summary["variants"].items():
+        final = entry["final_change"]
+        seeds = ", ".join(f"{value:+.3f}" for value in entry.get("final_per_seed", []))
+        count = f"{final[TRAIN_ORACLE]['mean']:+.3f} ± {final[TRAIN_ORACLE]['std']:.3f} ({seeds})"
+        held_out = f"{final[HELDOUT_ORACLE]['mean']:+.3f} ± {final[HELDOUT_ORACLE]['std']:.3f}"
+        lines.append(
+            f"{variant:<18} {count:<44} {held_out:<18} "
+            f"{entry['queries'][-1]:>8} {entry['seconds_mean'] / 60:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _per_seed(runs: list[dict], summary: dict) -> None:
+    for variant, entry in summary["variants"].items():
+        entry["final_per_seed"] = [
+            run["curves"][TRAIN_ORACLE][-1] - run["curves"][TRAIN_ORACLE][0]
+            for run in runs
+            if run["variant"] == variant
+        ]
+
+
+def run(study: Study, *, jobs: int = 2, peer: str | None = None) -> dict:
+    runs, execution = seeded_runs.run_grid(
+        {name: VARIANTS[name] for name in study.variants},
+        study.seeds,
+        study.overrides,
+        list(CURVES.values()),
+        jobs=jobs,
+    )
+    if peer:
+        runs += read_peer(Path(peer))
+    summary = summarise(runs, study.target_gain)
+    _per_seed(runs, summary)
+    return {"study": asdict(study), **execution, "runs": runs, "summary": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--samples-per-epoch", type=int, default=64)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-size", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (torch threads = cores / jobs)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run"
+    )
+    parser.add_argument("--peer", metavar="DIR", help="folder of trl_ddpo.py runs (one sub-folder per seed)")
+    parser.add_argument(
+        "--output", default="results/policy_gradient", help="folder for the JSON and the plot"
+    )
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs of 8 images, small evaluation")
+    parser.add_argument("--from-json", metavar="PATH", help="re-summarise and re-plot a finished study")
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text("utf-8"))
+        if args.peer:
+            result["runs"] = [r for r in result["runs"] if r["variant"] != "trl-ddpo"] + read_peer(
+                Path(args.peer)
+            )
+        result["summary"] = summarise(result["runs"], result["study"]["target_gain"])
+        _per_seed(result["runs"], result["summary"])
+    else:
+        study = Study(
+            seeds=args.seeds,
+            variants=args.variants,
+            epochs=args.epochs,
+            samples_per_epoch=args.samples_per_epoch,
+            eval_every=args.eval_every,
+            eval_size=args.eval_size,
+            learning_rate=args.learning_rate,
+            extra=args.set,
+        )
+        if args.quick:
+            study = Study(
+                seeds=args.seeds[:1],
+                variants=args.variants,
+                epochs=2,
+                samples_per_epoch=16,
+                eval_every=1,
+                eval_size=8,
+                extra=["sample.num_steps=4", "eval.num_steps=4", *args.set],
+            )
+        result = run(study, jobs=args.jobs, peer=args.peer)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "policy_gradient.json").write_text(json.dumps(result, indent=1), "utf-8")
+    plot(result["runs"], result["summary"], output / "policy_gradient.png")
+    print(format_table(result["summary"]))
+    print(f"wrote {output / 'policy_gradient.json'} and {output / 'policy_gradient.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
