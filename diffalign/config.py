@@ -398,15 +398,25 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def default_job() -> dict:
+    """What ``diffalign train`` runs when no method is named: ``presets/default.yaml`` over the
+    preset of the method it names. Naming a method starts from that method's preset alone."""
+    job = preset("default")
+    return _merge(preset(job.get("method", TrainConfig.method)), job)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults ← method preset ← YAML file ← ``key=value`` overrides, then validated."""
+    """Defaults ← method preset (or the default job's, when no method is named) ← YAML file ←
+    ``key=value`` overrides, then validated."""
     user: dict = read_yaml(path) if path else {}
     for text in overrides:
         user = _merge(user, parse_override(text))
-    method = user.get("method", TrainConfig.method)
+    method = user.get("method")
+    base = default_job() if method is None else preset(method)
+    method = base.get("method", TrainConfig.method) if method is None else method
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}.{_suggest(str(method), list(METHODS))} Methods: {', '.join(METHODS)}.")
-    config = _build(TrainConfig, _merge(preset(method), user))
+    config = _build(TrainConfig, _merge(base, user))
     validate(config)
     return config
 

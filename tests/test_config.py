@@ -64,3 +64,18 @@ def test_every_field_is_documented():
     rows = describe()
     assert {key for key, _, _ in rows} >= {"method", "sample.eta", "ddpo.clip_range", "train.learning_rate"}
     assert all(text for _, _, text in rows)
+
+
+def test_the_default_job_applies_only_when_no_method_is_named(tmp_path, monkeypatch):
+    from diffalign import config as config_module
+
+    presets = {  # a default job other than the shipped one, to see the layers
+        "default": {"method": "alignprop", "epochs": 7},
+        "alignprop": {"method": "alignprop", "sample": {"images_per_prompt": 1}},
+    }
+    monkeypatch.setattr(config_module, "preset", lambda name: presets.get(name, {}))
+    job = config_module.load_config(None, ["reward=aesthetic"])
+    assert (job.method, job.epochs, job.sample.images_per_prompt) == ("alignprop", 7, 1)
+    named = config_module.load_config(None, ["method=alignprop", "reward=aesthetic"])
+    assert (named.method, named.epochs) == ("alignprop", config_module.TrainConfig.epochs)
+    assert config_module.load_config(None, ["method=ddpo"]).epochs == config_module.TrainConfig.epochs
