@@ -78,6 +78,7 @@ class Settings:
     def overrides(self) -> list[str]:
         """The ``load_config`` overrides that make a ``TrainConfig`` of these settings."""
         return [
+            "method=ddpo",  # the DDPO epoch is what is timed (the default job is AlignProp)
             f"model={self.model}",
             f"reward={self.reward}",
             f"seed={self.seed}",

@@ -40,6 +40,7 @@ def train_one(args: tuple[str, int, list[str], list[str], int]) -> dict:
     return {
         "variant": variant,
         "seed": seed,
+        "threads": threads,
         "seconds": time.perf_counter() - started,
         "train_seconds": [float(elapsed[history.index(record)]) for record in evaluated],
         "queries": [record["samples_seen"] for record in evaluated],
@@ -55,13 +56,15 @@ def run_grid(
     *,
     jobs: int = 2,
     work_dir: str | None = None,
+    threads: int | None = None,
 ) -> tuple[list[dict], dict]:
     """Train every (variant, seed); ``overrides(variant, seed, output_dir)`` gives a run's config.
 
-    Returns the runs (in variant-then-seed order) and how they were executed.
+    ``threads`` fixes each run's torch threads (default: cores / jobs). Returns the runs (in
+    variant-then-seed order) and how they were executed.
     """
     cores = os.cpu_count() or 1
-    threads = max(1, cores // jobs)
+    threads = threads or max(1, cores // jobs)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=work_dir) as folder:
         tasks = [

@@ -43,6 +43,33 @@ class TrainResult:
     history: list[dict]
     lora_dir: Path | None
     main_process: bool = True
+    seconds: float | None = None  # wall-clock seconds of this invocation, evaluation included
+
+    def summary(self, reward: str) -> str:
+        """Before -> after of every evaluated metric (the base model's record against the last
+        evaluation), the time, and where the grids and curves are: what ``diffalign train`` prints
+        at the end. ``reward`` is the training reward's name, shown as the proxy."""
+        evaluated = [record for record in self.history if any(key.startswith("eval/") for key in record)]
+        lines = []
+        if len(evaluated) >= 2 and evaluated[0].get("epoch") == 0:
+            first, last = evaluated[0], evaluated[-1]
+            lines.append(f"before -> after (epoch 0 -> {last['epoch']}, fixed evaluation noise):")
+            keys = [key for key in first if key.startswith("eval/") and key in last]
+            # The training reward first (the proxy it optimised), then what was scored beside it.
+            keys.sort(key=lambda key: (key.rsplit("/", 1)[1] != reward, key))
+            width = max(len(key) for key in keys)
+            for key in keys:
+                role = "proxy" if key.rsplit("/", 1)[1] == reward else "scored beside"
+                change = last[key] - first[key]
+                lines.append(f"  {key:<{width}}  {first[key]:.3f} -> {last[key]:.3f} ({change:+.3f})  {role}")
+        if self.seconds is not None:
+            took = f"{self.seconds:.0f} s" if self.seconds < 120 else f"{self.seconds / 60:.1f} min"
+            lines.append(f"time: {took}, evaluation included")
+        out = self.output_dir
+        lines.append(f"grids: {out / 'samples'} (epoch-NNNN.png, one per evaluation); curves: {out / 'reward_curve.png'}")
+        weights = self.lora_dir if self.lora_dir is not None else out / "unet"
+        lines.append(f"metrics: {out / 'metrics.jsonl'}; weights: {weights}; checkpoints: {out / 'checkpoints'}")
+        return "\n".join(lines)
 
 
 def epoch_seed(seed: int, epoch: int, process: int) -> int:
@@ -287,6 +314,7 @@ def train(
     ``reward`` replaces the registry reward named in the config: the way to train on a reward
     written in user code.
     """
+    started = time.perf_counter()
     trainer = Trainer(config, reward=reward, resume=resume)
     if trainer.epoch == 0:
         trainer.evaluate()
@@ -296,4 +324,6 @@ def train(
     for _ in bar:
         record = trainer.run_epoch()
         bar.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.3g}")
-    return trainer.finish()
+    result = trainer.finish()
+    result.seconds = time.perf_counter() - started
+    return result

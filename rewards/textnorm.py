@@ -47,8 +47,9 @@ from diffalign.rewards.contrast import ContrastGenerator
 # Larger c pushes probabilities to 0 or 1, where their gradient vanishes. OpenAI CLIP's logit scale
 # is 100, as is that of LAION's ViT-H/14, which HPSv2 fine-tunes (its own value unchecked here: no
 # weights on this machine); PickScore's score already includes its logit scale, so its c is 1.
+# shapes-negclip (shapes-clip fine-tuned with hard negatives) ended its fine-tune at exp = 27.4.
 DEFAULT_SCALES: dict[str, float] = {
-    "shapes-clip": 20.0, "clip-score": 100.0, "hpsv2": 100.0, "pickscore": 1.0,
+    "shapes-clip": 20.0, "shapes-negclip": 27.4, "clip-score": 100.0, "hpsv2": 100.0, "pickscore": 1.0,
 }
 
 

@@ -67,3 +67,23 @@ def test_corrupt_image_is_named(tmp_path, capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "diffalign.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_train_ends_with_a_before_after_summary_read_from_its_metrics(tmp_path, capsys):
+    """The last lines of `diffalign train`: each evaluated metric from the base model's record to
+    the last evaluation (numbers as in metrics.jsonl), the time, and where grids and curves are."""
+    import json
+
+    from test_reliability import train_args
+
+    run = tmp_path / "run"
+    assert main(train_args(run, "epochs=2", "eval.every=1")) == 0
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    key = "eval/simple-animals/jpeg-compressibility"
+    before, after = records[0][key], records[-1][key]
+    assert "before -> after (epoch 0 -> 2" in out
+    line = next(line for line in out.splitlines() if key in line)
+    assert f"{before:.3f} -> {after:.3f} ({after - before:+.3f})" in line and line.endswith("proxy")
+    assert "time: " in out and str(run / "samples") in out and str(run / "reward_curve.png") in out
+    assert (run / "samples" / "epoch-0002.png").is_file() and (run / "reward_curve.png").is_file()

@@ -16,7 +16,7 @@ from diffalign.optim.grpo import GRPO, group_advantages
 from diffalign.sampling import ddim_posterior, guided_noise
 from diffalign.train import Trainer, train
 
-TINY = ["model=tiny-random", "reward=jpeg-compressibility", "prompts=simple-animals", "eval.prompt_sets=[]",
+TINY = ["method=ddpo", "model=tiny-random", "reward=jpeg-compressibility", "prompts=simple-animals", "eval.prompt_sets=[]",
         "eval.rewards=[]", "eval.size=4", "sample.num_steps=3", "sample.batch_size=4",
         "sample.num_batches_per_epoch=1", "train.batch_size=2", "tensorboard=false"]
 

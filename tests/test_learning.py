@@ -15,7 +15,7 @@ from diffalign.train import train
 
 pytestmark = pytest.mark.slow
 # Pinned in full: these runs must not change when the (ShapesWorld-tuned) defaults do.
-TINY_RANDOM_JOB = ("model=tiny-random", "reward=jpeg-compressibility", "prompts=simple-animals",
+TINY_RANDOM_JOB = ("method=ddpo", "model=tiny-random", "reward=jpeg-compressibility", "prompts=simple-animals",
                    "sample.images_per_prompt=1", "ddpo.stat_min_count=16",
                    "train.timestep_fraction=1.0", "train.inner_epochs=1", "train.gradient_accumulation_steps=1",
                    "lora.rank=4", "sample.eta=1.0", "sample.guidance_scale=5.0",

@@ -29,6 +29,7 @@ from diffalign import checkpoint, config, images, outputs, rewards
 from diffalign.cli import main
 
 TINY = [
+    "method=ddpo",
     "model=tiny-random",
     "reward=jpeg-compressibility",
     "prompts=simple-animals",

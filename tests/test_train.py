@@ -11,6 +11,7 @@ from diffalign.config import load_config
 from diffalign.train import RunExistsError, train
 
 TINY = [
+    "method=ddpo",
     "model=tiny-random",
     "reward=jpeg-compressibility",
     "prompts=simple-animals",

@@ -23,8 +23,10 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 PIPELINE_DIR = WEIGHTS / "pipeline"
 CLIP_DIR = WEIGHTS / "clip"
 INPAINT_UNET_DIR = WEIGHTS / "inpaint" / "unet"
+NEGCLIP_DIR = WEIGHTS / "negclip"
 REBUILD = "diffalign shapes train --output <folder>  (then copy <folder>/pipeline and <folder>/clip into {weights})"
 REBUILD_INPAINT = "diffalign shapes train-inpaint --output <folder> --install"
+REBUILD_NEGCLIP = "diffalign shapes train-negclip --output <folder> --install"
 
 _PIPELINE_FILES = (
     "model_index.json",
@@ -38,6 +40,7 @@ _PIPELINE_FILES = (
     "unet/diffusion_pytorch_model.safetensors",
 )
 _CLIP_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
+_CLIP_WEIGHT_FILES = ("config.json", "model.safetensors")
 _UNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 
 
@@ -76,12 +79,17 @@ def load_pipeline(folder: Path = PIPELINE_DIR, torch_dtype: torch.dtype = torch.
 
 
 def load_clip(folder: Path = CLIP_DIR):
-    """The ShapesWorld CLIP model (fp32, eval mode) and its tokenizer."""
+    """The ShapesWorld CLIP model (fp32, eval mode) and its tokenizer; ``NEGCLIP_DIR`` for the
+    hard-negative fine-tune (``diffalign.shapes.negclip``). A folder without tokenizer files
+    (the shipped fine-tune) uses the shipped CLIP's tokenizer, which it was trained with."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    _check(folder, _CLIP_FILES)
+    rebuild = REBUILD_NEGCLIP if folder == NEGCLIP_DIR else REBUILD
+    tokenizer_folder = folder if (folder / "tokenizer_config.json").is_file() else CLIP_DIR
+    _check(folder, _CLIP_WEIGHT_FILES, rebuild)
+    _check(tokenizer_folder, _CLIP_FILES, rebuild)
     model = CLIPModel.from_pretrained(str(folder), dtype=torch.float32).eval()
-    return model, CLIPTokenizer.from_pretrained(str(folder))
+    return model, CLIPTokenizer.from_pretrained(str(tokenizer_folder))
 
 
 def load_inpainting_pipeline(

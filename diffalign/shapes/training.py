@@ -84,6 +84,15 @@ def clip_pixels(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
+def clipped_step(loss: torch.Tensor, model: torch.nn.Module, optimizer, schedule, max_norm: float = 1.0) -> None:
+    """Backward, clip the gradient norm, step the optimiser and its schedule, clear gradients."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad()
+
+
 def train_clip(data: Dataset, config: ShapesTrainingConfig, generator: torch.Generator) -> CLIPModel:
     """Contrastive training; captions repeated within a batch count as positives of each other."""
     model = models.new_clip()
@@ -103,11 +112,7 @@ def train_clip(data: Dataset, config: ShapesTrainingConfig, generator: torch.Gen
         loss = (
             F.cross_entropy(output.logits_per_image, targets) + F.cross_entropy(output.logits_per_text, targets)
         ) / 2
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
+        clipped_step(loss, model, optimizer, schedule)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
 
