@@ -48,7 +48,7 @@ class TrainResult:
     def summary(self, reward: str) -> str:
         """Before -> after of every evaluated metric (the base model's record against the last
         evaluation), the time, and where the grids and curves are: what ``diffalign train`` prints
-        at the end. ``reward`` is the training reward's name, shown as the proxy."""
+        at the end. ``reward`` is the training reward's name, marked as such."""
         evaluated = [record for record in self.history if any(key.startswith("eval/") for key in record)]
         lines = []
         if len(evaluated) >= 2 and evaluated[0].get("epoch") == 0:
@@ -59,7 +59,7 @@ class TrainResult:
             keys.sort(key=lambda key: (key.rsplit("/", 1)[1] != reward, key))
             width = max(len(key) for key in keys)
             for key in keys:
-                role = "proxy" if key.rsplit("/", 1)[1] == reward else "scored beside"
+                role = "(training reward)" if key.rsplit("/", 1)[1] == reward else "(scored, not trained on)"
                 change = last[key] - first[key]
                 lines.append(f"  {key:<{width}}  {first[key]:.3f} -> {last[key]:.3f} ({change:+.3f})  {role}")
         if self.seconds is not None:

@@ -84,6 +84,6 @@ def test_train_ends_with_a_before_after_summary_read_from_its_metrics(tmp_path, 
     before, after = records[0][key], records[-1][key]
     assert "before -> after (epoch 0 -> 2" in out
     line = next(line for line in out.splitlines() if key in line)
-    assert f"{before:.3f} -> {after:.3f} ({after - before:+.3f})" in line and line.endswith("proxy")
+    assert f"{before:.3f} -> {after:.3f} ({after - before:+.3f})" in line and line.endswith("(training reward)")
     assert "time: " in out and str(run / "samples") in out and str(run / "reward_curve.png") in out
     assert (run / "samples" / "epoch-0002.png").is_file() and (run / "reward_curve.png").is_file()
