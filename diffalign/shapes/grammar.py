@@ -118,6 +118,11 @@ def text(facts: Facts) -> str:
     return f"{words[rel.subject]} {rel.relation} {words[rel.object]}"
 
 
+def converse(relation: str) -> str:
+    """The relation that swaps subject and object: "A left of B" is "B right of A"."""
+    return _CONVERSE[relation]
+
+
 def holds(relation: str, subject: tuple[float, float], obj: tuple[float, float]) -> bool:
     """Whether the thing centred at ``subject`` is ``relation`` the thing centred at ``obj``."""
     along, across = _offsets(relation, subject, obj)

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPModel
 
 from diffalign.shapes import assets
-from diffalign.shapes.grammar import _CONVERSE, Entity, Facts, Relation, parse, text
+from diffalign.shapes.grammar import Entity, Facts, Relation, converse, parse, text
 from diffalign.shapes.splits import HELDOUT_PAIRS
 from diffalign.shapes.training import Dataset, clip_pixels, clipped_step, render_dataset, tokenize
 
@@ -82,7 +82,7 @@ def hard_negatives(caption: str, rng: np.random.Generator) -> str | None:
         return None
     (rel,) = facts.relations
     a, b = facts.entities
-    candidates = [Facts(facts.entities, (Relation(0, _CONVERSE[rel.relation], 1),))]
+    candidates = [Facts(facts.entities, (Relation(0, converse(rel.relation), 1),))]
     for swapped in ((Entity(b.colour, a.shape), Entity(a.colour, b.shape)),
                     (Entity(a.colour, b.shape), Entity(b.colour, a.shape))):
         if swapped[0] != swapped[1] and {(e.colour, e.shape) for e in swapped}.isdisjoint(HELDOUT_PAIRS) \
