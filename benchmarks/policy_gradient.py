@@ -45,6 +45,14 @@ VARIANTS: dict[str, list[str]] = {
     # ... at a third of the learning rate: trl's default and DDPO's published rate for SD 1.5 LoRA
     # (3e-4). With Gaussian A, 1e-3 moves the weights ~4x faster than peft's init at the same rate.
     "ddpo-gaussian-lr3e-4": ["method=ddpo", "lora.init=gaussian", "train.learning_rate=3e-4"],
+    # ... training a random quarter of each trajectory's steps instead of half: the update's cost
+    # (about 60 % of an epoch) halves, the number of optimiser steps per epoch stays.
+    "ddpo-gaussian-lr3e-4-tf25": ["method=ddpo", "lora.init=gaussian", "train.learning_rate=3e-4",
+                                  "train.timestep_fraction=0.25"],
+    # ... with randomness and training confined to the first 8 of 20 steps, where ShapesWorld's
+    # layouts are decided (MixGRPO's window, Li et al. 2025): the reward is credited to those steps only.
+    "ddpo-window-0-7": ["method=ddpo", "lora.init=gaussian", "train.learning_rate=3e-4",
+                        "sample.stochastic_steps=[0, 7]"],
     # What the clip exists for: 4 passes over each epoch's samples.
     "ddpo-ppo4": ["method=ddpo", "lora.init=gaussian", "train.inner_epochs=4"],
     # Group-relative advantages over 8 images per prompt (Flow-GRPO, DanceGRPO).

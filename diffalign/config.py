@@ -133,6 +133,10 @@ class SampleSection:
     images_per_prompt: int = doc(
         4, "images sampled per drawn prompt in a batch, so advantages compare images of the same prompt"
     )
+    stochastic_steps: list = doc(
+        [], "[first, last]: only these denoising steps (0-based, inclusive) are sampled with eta and trained "
+        "by ddpo/grpo, the rest run deterministically (MixGRPO's window); [] = every step"
+    )
     shared_initial_noise: bool = doc(
         False, "the images of one prompt start from the same x_T (group-shared noise; see benchmarks/gradient_snr.py)"
     )
@@ -153,7 +157,7 @@ class OptimSection:
     adam_epsilon: float = doc(1e-8, "AdamW epsilon")
     max_grad_norm: float = doc(1.0, "gradient clipping norm")
     inner_epochs: int = doc(1, "passes over each epoch's samples")
-    timestep_fraction: float = doc(0.5, "fraction of each trajectory's steps trained on (random subset)")
+    timestep_fraction: float = doc(0.5, "fraction of each trajectory's trainable steps (all, or sample.stochastic_steps) trained on, a random subset")
 
 
 @dataclass
@@ -204,6 +208,18 @@ class AlignPropSection:
 
 
 @dataclass
+class ReFLSection:
+    """ReFL (Xu et al. 2023): a differentiable reward read from the one-step prediction x̂_0 at a drawn step."""
+
+    first_step: int = doc(15, "first denoising step (0-based) the gradient step is drawn from (the paper: the "
+                          "last quarter of the chain)")
+    last_step: int = doc(19, "last denoising step (0-based, inclusive) the gradient step is drawn from; "
+                         "< sample.num_steps")
+    checkpoint_unet: bool = doc(True, "gradient-checkpoint the UNet call with gradients")
+    reward_scale: float = doc(1.0, "the loss is -reward_scale x mean reward")
+
+
+@dataclass
 class DiffExpSection:
     """DiffExp (Chae et al. 2025) exploration, used when exploration: diffexp."""
 
@@ -234,7 +250,7 @@ class EvalSection:
 class TrainConfig:
     """Everything one `diffalign train` run needs."""
 
-    method: str = doc("ddpo", "optimisation method: ddpo | grpo | dpok | alignprop")
+    method: str = doc("ddpo", "optimisation method: ddpo | grpo | dpok | alignprop | refl")
     exploration: str = doc("none", "online sampling exploration: none | diffexp")
     model: str = doc("shapes", "pipeline: built-in name (shapes, tiny-random), local diffusers folder, or cached hub id")
     reward: str = doc(
@@ -258,6 +274,7 @@ class TrainConfig:
     grpo: GRPOSection = doc(GRPOSection, "GRPO")
     dpok: DPOKSection = doc(DPOKSection, "DPOK")
     alignprop: AlignPropSection = doc(AlignPropSection, "AlignProp")
+    refl: ReFLSection = doc(ReFLSection, "ReFL")
     diffexp: DiffExpSection = doc(DiffExpSection, "DiffExp exploration")
     eval: EvalSection = doc(EvalSection, "fixed-noise evaluation")
 
@@ -265,7 +282,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-METHODS = ("ddpo", "grpo", "dpok", "alignprop")
+METHODS = ("ddpo", "grpo", "dpok", "alignprop", "refl")
 EXPLORATIONS = ("none", "diffexp")
 POLICY_GRADIENT_METHODS = ("ddpo", "grpo", "dpok")
 LORA_INITS = ("default", "gaussian")
@@ -495,6 +512,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"sample.eta must be > 0 for {config.method}: with eta=0 DDIM is deterministic and has no log-prob"
         )
+    _validate_stochastic_steps(config)
     if config.sample.batch_size % config.sample.images_per_prompt:
         raise ConfigError(
             f"sample.batch_size ({config.sample.batch_size}) must be divisible by "
@@ -523,8 +541,12 @@ def validate(config: TrainConfig) -> None:
     _validate_grpo(config)
     _warn_if_clip_is_inert(config)
     _validate_dpok(config)
+    if config.method in ("alignprop", "refl"):
+        _validate_differentiable(config)
     if config.method == "alignprop":
         _validate_alignprop(config)
+    if config.method == "refl":
+        _validate_refl(config)
 
 
 def _validate_grpo(config: TrainConfig) -> None:
@@ -564,15 +586,46 @@ def _warn_if_clip_is_inert(config: TrainConfig) -> None:
         )
 
 
-def _validate_alignprop(config: TrainConfig) -> None:
+def _validate_stochastic_steps(config: TrainConfig) -> None:
+    window, steps = config.sample.stochastic_steps, config.sample.num_steps
+    if not window:
+        return
+    if config.method not in ("ddpo", "grpo"):
+        raise ConfigError(
+            f"sample.stochastic_steps is a window for ddpo and grpo updates; {config.method} does not use it "
+            "(set sample.stochastic_steps=[])"
+        )
+    if (len(window) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in window)
+            or not 0 <= window[0] <= window[1] < steps):
+        raise ConfigError(
+            f"sample.stochastic_steps must be [first, last] with 0 <= first <= last < sample.num_steps ({steps}), "
+            f"got {window}"
+        )
+
+
+def _validate_differentiable(config: TrainConfig) -> None:
     from diffalign import rewards
 
     if not rewards.info(config.reward).differentiable:
         usable = [entry.name for entry in rewards.available() if entry.differentiable]
         raise ConfigError(
-            f"alignprop backpropagates through the reward, but {config.reward!r} is not differentiable. "
+            f"{config.method} backpropagates through the reward, but {config.reward!r} is not differentiable. "
             f"Differentiable rewards: {', '.join(usable)}. Use method=ddpo or method=dpok for any reward."
         )
+
+
+def _validate_refl(config: TrainConfig) -> None:
+    section, steps = config.refl, config.sample.num_steps
+    if not 0 <= section.first_step <= section.last_step < steps:
+        raise ConfigError(
+            f"refl.first_step..refl.last_step must be a window of denoising steps 0..{steps - 1} "
+            f"(sample.num_steps={steps}), got {section.first_step}..{section.last_step}"
+        )
+    if section.reward_scale <= 0:
+        raise ConfigError(f"refl.reward_scale must be positive, got {section.reward_scale}")
+
+
+def _validate_alignprop(config: TrainConfig) -> None:
     steps = config.alignprop.truncation_steps
     if not 1 <= steps <= config.sample.num_steps:
         raise ConfigError(

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Iterator, Sequence
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -47,7 +47,7 @@ class Trajectory:
     def num_steps(self) -> int:
         return self.log_probs.shape[1]
 
-    def select(self, index: torch.Tensor) -> "Trajectory":
+    def select(self, index: torch.Tensor) -> Trajectory:
         """The sub-batch at positions ``index`` (a 1-D long tensor)."""
         values = {}
         for field in fields(self):
@@ -60,7 +60,7 @@ class Trajectory:
         return Trajectory(**values)
 
     @staticmethod
-    def concat(parts: Sequence["Trajectory"]) -> "Trajectory":
+    def concat(parts: Sequence[Trajectory]) -> Trajectory:
         """Join batches sampled with the same schedule into one."""
         first = parts[0]
         values = {}
@@ -73,6 +73,48 @@ class Trajectory:
             else:
                 values[field.name] = torch.cat(items)
         return Trajectory(**values)
+
+
+def predict_original(
+    scheduler: DDIMScheduler, noise_pred: torch.Tensor, alpha_prod_t: torch.Tensor, latents: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-step estimates ``(x̂_0, ε̂)`` (fp32, like ``latents``) from a UNet output at ᾱ_t.
+
+    ``alpha_prod_t`` is ᾱ_t broadcastable to ``latents`` (``[B, 1, ...]``). Follows the
+    scheduler's prediction type and its clipping or thresholding of x̂_0, as ``DDIMScheduler.step``.
+    """
+    beta_prod_t = 1 - alpha_prod_t
+    # fp32 throughout: log-probs of nearby policies differ in the 4th decimal.
+    sample = latents.float()
+    model_output = noise_pred.float()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+        pred_epsilon = model_output
+    elif prediction_type == "sample":
+        pred_original_sample = model_output
+        pred_epsilon = (sample - alpha_prod_t ** (0.5) * pred_original_sample) / beta_prod_t ** (0.5)
+    elif prediction_type == "v_prediction":
+        pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+        pred_epsilon = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+    if scheduler.config.thresholding:
+        pred_original_sample = scheduler._threshold_sample(pred_original_sample)
+    elif scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        pred_original_sample = pred_original_sample.clamp(-limit, limit)
+
+    return pred_original_sample, pred_epsilon
+
+
+def alpha_cumprod_at(scheduler: DDIMScheduler, timestep: int | torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t of ``timestep`` (scalar or ``[B]``) shaped ``[B, 1, ...]`` to broadcast against ``latents``."""
+    batch = latents.shape[0]
+    timestep = torch.as_tensor(timestep, device=latents.device).long().reshape(-1).expand(batch)
+    alphas = scheduler.alphas_cumprod.to(latents.device)[timestep]
+    return alphas.reshape((batch,) + (1,) * (latents.ndim - 1))
 
 
 def ddim_posterior(
@@ -101,29 +143,8 @@ def ddim_posterior(
     broadcast = (batch,) + (1,) * (latents.ndim - 1)
     alpha_prod_t = alpha_prod_t.reshape(broadcast)
     alpha_prod_t_prev = alpha_prod_t_prev.reshape(broadcast)
-    beta_prod_t = 1 - alpha_prod_t
 
-    # fp32 throughout: log-probs of nearby policies differ in the 4th decimal.
-    sample = latents.float()
-    model_output = noise_pred.float()
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        pred_original_sample = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
-        pred_epsilon = model_output
-    elif prediction_type == "sample":
-        pred_original_sample = model_output
-        pred_epsilon = (sample - alpha_prod_t ** (0.5) * pred_original_sample) / beta_prod_t ** (0.5)
-    elif prediction_type == "v_prediction":
-        pred_original_sample = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
-        pred_epsilon = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
-    else:
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-
-    if scheduler.config.thresholding:
-        pred_original_sample = scheduler._threshold_sample(pred_original_sample)
-    elif scheduler.config.clip_sample:
-        limit = scheduler.config.clip_sample_range
-        pred_original_sample = pred_original_sample.clamp(-limit, limit)
+    pred_original_sample, pred_epsilon = predict_original(scheduler, noise_pred, alpha_prod_t, latents)
 
     # The DDIM posterior variance σ_t² (Song et al. 2021, eq. 16), as in DDIMScheduler._get_variance.
     variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
@@ -284,12 +305,17 @@ def sample(
     latents: torch.Tensor | None = None,
     negative_prompt: str = "",
     prompt_embeds: torch.Tensor | None = None,
+    stochastic_steps: tuple[int, int] | None = None,
 ) -> Trajectory:
     """Sample one batch with DDIM-η and record the whole chain.
 
     ``guidance_scale`` is a number, or a ``[B, T]`` tensor of per-sample per-step scales
     (exploration schedules). ``prompt_embeds`` replaces the encoder's conditional embeddings
     (weighted prompts). With ``eta=0`` and the same ``latents`` this reproduces ``pipe(...)``.
+    ``stochastic_steps=(first, last)`` samples only those steps (0-based, inclusive) with ``eta``
+    and the others deterministically (η = 0, log-prob 0): MixGRPO's window (Li et al. 2025,
+    arXiv 2507.21802), which confines the randomness a reward can be credited to. ``Trajectory.eta``
+    is then the window's η.
     """
     batch = len(prompts)
     device = pipe.unet.device
@@ -306,11 +332,13 @@ def sample(
         latents = initial_latents(pipe, batch, generator)
     all_latents = [latents]
     all_log_probs = []
+    first, last = stochastic_steps if stochastic_steps is not None else (0, len(timesteps) - 1)
     for step, timestep in enumerate(timesteps):
         model_input = pipe.scheduler.scale_model_input(latents, timestep)
         noise_pred = guided_noise(pipe.unet, model_input, timestep, cond, uncond, scales[:, step])
         latents, log_prob = ddim_step_with_logprob(
-            pipe.scheduler, noise_pred, timestep, latents, eta=eta, generator=generator
+            pipe.scheduler, noise_pred, timestep, latents, eta=eta if first <= step <= last else 0.0,
+            generator=generator,
         )
         all_latents.append(latents)
         all_log_probs.append(log_prob)

@@ -78,8 +78,8 @@ def test_ddpo_with_diffexp_follows_a_reward(tmp_path):
 @pytest.mark.parametrize("exploration", ["none", "diffexp"])
 def test_alignprop_follows_a_differentiable_reward(tmp_path, exploration):
     config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", "method=alignprop", f"exploration={exploration}", "epochs=4",
-        "train.learning_rate=1e-2", "alignprop.truncation_steps=3", *SHORT_JOB,
+        f"output_dir={tmp_path / 'run'}", f"exploration={exploration}", "epochs=4",
+        "train.learning_rate=1e-2", "alignprop.truncation_steps=3", *SHORT_JOB, "method=alignprop",
         "reward=aesthetic",  # validation needs a differentiable registered reward; Brightness is used
     ])
     history = train(config, reward=Brightness(), progress=False).history
@@ -87,20 +87,34 @@ def test_alignprop_follows_a_differentiable_reward(tmp_path, exploration):
     assert rise > margin, f"brightness rose by {rise:.4f}, needed > {margin:.4f}"
 
 
-def test_dpok_follows_a_reward(tmp_path):
+def test_refl_follows_a_differentiable_reward(tmp_path):
     config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", "method=dpok", "epochs=5", "train.learning_rate=1e-2",
-        "dpok.reward_weight=10", "dpok.updates_per_epoch=8", *SHORT_JOB,
+        f"output_dir={tmp_path / 'run'}", "epochs=4", "train.learning_rate=1e-2",
+        "refl.first_step=1", "refl.last_step=4", *SHORT_JOB, "method=refl",
+        "reward=aesthetic",  # validation needs a differentiable registered reward; Brightness is used
     ])
     history = train(config, reward=Brightness(), progress=False).history
     rise, margin = _rise_and_margin(history)
     assert rise > margin, f"brightness rose by {rise:.4f}, needed > {margin:.4f}"
+    assert all(1 <= row["gradient_step"] <= 4 for row in history if "gradient_step" in row)
+    assert sum("gradient_step" in row for row in history) == 4
+
+
+def test_dpok_follows_a_reward(tmp_path):
+    config = load_config(None, [
+        f"output_dir={tmp_path / 'run'}", "epochs=5", "train.learning_rate=1e-2",
+        "dpok.reward_weight=10", "dpok.updates_per_epoch=8", *SHORT_JOB, "method=dpok",
+    ])
+    history = train(config, reward=Brightness(), progress=False).history
+    rise, margin = _rise_and_margin(history)
+    assert rise > margin, f"brightness rose by {rise:.4f}, needed > {margin:.4f}"
+    assert config.method == "dpok"
 
 
 def test_grpo_follows_a_reward(tmp_path):
     config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", "method=grpo", "epochs=5", "train.learning_rate=1e-2",
-        "grpo.clip_range=1e-2", *SHORT_JOB, "sample.images_per_prompt=4",
+        f"output_dir={tmp_path / 'run'}", "epochs=5", "train.learning_rate=1e-2",
+        "grpo.clip_range=1e-2", *SHORT_JOB, "method=grpo", "sample.images_per_prompt=4",
     ])
     history = train(config, reward=Brightness(), progress=False).history
     rise, margin = _rise_and_margin(history)

@@ -77,8 +77,10 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize(
     "extra",
     [("method=dpok", "dpok.buffer_epochs=2", "dpok.updates_per_epoch=2", "dpok.value_updates_per_epoch=2"),
-     ("method=alignprop", "reward=aesthetic", "reward_options={checkpoint: tiny-random}", "exploration=diffexp")],
-    ids=["dpok", "alignprop+diffexp"],
+     ("method=alignprop", "reward=aesthetic", "reward_options={checkpoint: tiny-random}", "exploration=diffexp"),
+     ("method=refl", "reward=aesthetic", "reward_options={checkpoint: tiny-random}", "refl.first_step=0",
+      "refl.last_step=3")],
+    ids=["dpok", "alignprop+diffexp", "refl"],
 )
 def test_resuming_other_methods_matches_an_uninterrupted_run(tmp_path, extra):
     """DPOK's value network and replay buffer, and DiffExp's draws, survive a checkpoint exactly."""

@@ -85,6 +85,28 @@ class AlignProp:
         """Micro-steps per optimiser step: one per sampled batch."""
         return config.train.gradient_accumulation_steps
 
+    label = "AlignProp"
+    window_metric = "truncation_steps"  # the metric that logs each update's GradientWindow.steps
+
+    @property
+    def reward_scale(self) -> float:
+        return self.config.alignprop.reward_scale
+
+    def window(self, generator: torch.Generator) -> GradientWindow:
+        """The gradient window of the next update (K drawn by ``truncation``)."""
+        return GradientWindow(self.truncation(generator), self.config.alignprop.checkpoint_unet)
+
+    def sample_images(
+        self, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor, window: GradientWindow,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """The images the reward scores, ``[B, 3, H, W]`` in [0, 1], with a graph to the LoRA weights."""
+        sample_config = self.config.sample
+        return differentiable_sample(
+            self.context, cond, uncond, scales,
+            num_steps=sample_config.num_steps, eta=sample_config.eta, window=window, generator=generator,
+        )
+
     def truncation(self, generator: torch.Generator) -> int:
         """K for the next update: fixed, or uniform on 1..truncation_steps."""
         section = self.config.alignprop
@@ -107,17 +129,14 @@ class AlignProp:
             if context.exploration is not None:
                 explored = context.exploration.explore(prompts, generator)
                 scales, cond = explored.guidance_scales, explored.prompt_embeds.to(cond)
-            window = GradientWindow(self.truncation(generator), config.alignprop.checkpoint_unet)
+            window = self.window(generator)
             with context.accelerator.accumulate(context.unet):
                 with context.accelerator.autocast():
-                    images = differentiable_sample(
-                        context, cond, uncond, scales.to(cond.device),
-                        num_steps=sample_config.num_steps, eta=sample_config.eta, window=window, generator=generator,
-                    )
+                    images = self.sample_images(cond, uncond, scales.to(cond.device), window, generator)
                     scores = checked_call(context.reward, images, prompts)
-                loss = -config.alignprop.reward_scale * scores.mean()
+                loss = -self.reward_scale * scores.mean()
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"AlignProp loss is {loss.item()}; stopping before the update: "
+                    raise TrainingDiverged(f"{self.label} loss is {loss.item()}; stopping before the update: "
                     "lower train.learning_rate, or check the scale of the reward")
                 context.accelerator.backward(loss)
                 clip_and_step(context, config.train.max_grad_norm)
@@ -130,7 +149,7 @@ class AlignProp:
             "reward_std": all_rewards.std(unbiased=False).item(),
             "samples": int(all_rewards.numel()),
             "loss": context.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item(),
-            "truncation_steps": sum(windows) / len(windows),
+            self.window_metric: sum(windows) / len(windows),
         }
 
     def state_dict(self) -> dict:

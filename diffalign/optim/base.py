@@ -53,6 +53,7 @@ def collect_rollouts(
     eta: float,
     negative_prompt: str,
     generator: torch.Generator,
+    stochastic_steps: tuple[int, int] | None = None,
 ) -> tuple[Trajectory, torch.Tensor]:
     """Sample ``num_batches`` batches under the current weights and reward them.
 
@@ -62,7 +63,7 @@ def collect_rollouts(
     With ``shared_initial_noise`` they also start from one x_T (the group-shared noise of
     DanceGRPO, Xue et al. 2025, arXiv 2505.07818), so advantages credit only the sampled steps; it
     is off by default because on ShapesWorld it did not make gradient estimates more consistent
-    (``benchmarks/gradient_snr.py``).
+    (``benchmarks/gradient_snr.py``). ``stochastic_steps`` is ``sampling.sample``'s window.
     Returns the joined ``Trajectory`` and ``rewards  # [N] fp32`` of this process.
     """
     context.pipe.unet.eval()
@@ -87,6 +88,7 @@ def collect_rollouts(
                 negative_prompt=negative_prompt,
                 prompt_embeds=embeds,
                 latents=latents,
+                stochastic_steps=stochastic_steps,
             )
         trajectories.append(trajectory)
         rewards.append(checked_call(context.reward, trajectory.images, batch_prompts))

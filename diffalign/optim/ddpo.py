@@ -125,6 +125,7 @@ class DDPO:
             eta=config.sample.eta,
             negative_prompt=config.sample.negative_prompt,
             generator=generator,
+            stochastic_steps=stochastic_window(config),
         )
         sampling_seconds = time.perf_counter() - started
         advantages = self.advantages(trajectory.prompts, rewards)
@@ -164,11 +165,14 @@ class DDPO:
         stats: dict[str, list[torch.Tensor]],
     ) -> None:
         config, context = self.config, self.context
-        count, steps = len(trajectory), trajectory.num_steps
+        count = len(trajectory)
         order = torch.randperm(count, generator=generator)
         trajectory, advantages = trajectory.select(order), advantages[order.to(advantages.device)]
-        # Each sample visits its steps in its own random order; the first `trained` are used.
-        step_order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(count)])
+        # Each sample visits its trainable steps in its own random order; the first `trained` are used.
+        candidates = torch.tensor(trainable_steps(config))
+        step_order = torch.stack(
+            [candidates[torch.randperm(len(candidates), generator=generator)] for _ in range(count)]
+        )
         trained = trained_steps(config)
         scheduler = context.pipe.scheduler
         scheduler.set_timesteps(config.sample.num_steps, device=context.accelerator.device)
@@ -217,6 +221,18 @@ class DDPO:
             self.tracker.load_state_dict(state["tracker"])
 
 
+def stochastic_window(config: TrainConfig) -> tuple[int, int] | None:
+    """``sample.stochastic_steps`` as ``(first, last)``, or None when every step is stochastic."""
+    window = config.sample.stochastic_steps
+    return (int(window[0]), int(window[1])) if window else None
+
+
+def trainable_steps(config: TrainConfig) -> list[int]:
+    """The steps a policy-gradient update may train on: the stochastic ones (all, without a window)."""
+    first, last = stochastic_window(config) or (0, config.sample.num_steps - 1)
+    return list(range(first, last + 1))
+
+
 def trained_steps(config: TrainConfig) -> int:
-    """How many of each trajectory's steps are trained on."""
-    return max(1, int(config.sample.num_steps * config.train.timestep_fraction))
+    """How many of each trajectory's trainable steps are trained on (``train.timestep_fraction`` of them)."""
+    return max(1, int(len(trainable_steps(config)) * config.train.timestep_fraction))

@@ -1,0 +1,119 @@
+"""ReFL: reward feedback learning on the one-step prediction x̂_0 at a drawn denoising step
+(Xu, Liu, Wu, Tong, Li, Ding, Tang, Dong; "ImageReward: Learning and Evaluating Human
+Preferences for Text-to-Image Generation", NeurIPS 2023, section 4 and algorithm 1).
+
+For each update ReFL samples from noise without gradient down to a denoising step t drawn
+uniformly from a window [T1, T2], makes one UNet call at t *with* gradient, and scores the
+image decoded from that call's direct prediction of the clean latent,
+
+    x̂_0 = (x_t − √(1 − ᾱ_t) ε_θ(x_t, t, c)) / √ᾱ_t        (epsilon prediction; the scheduler's
+                                                           sample / v forms otherwise),
+
+with a differentiable reward r: the loss is −λ · r(decode(x̂_0), c) (here λ =
+``refl.reward_scale``). The gradient reaches the UNet only through that one call, so an update
+costs t + 1 UNet calls forward and one backward, and — unlike AlignProp's truncated chain
+(``alignprop.py``), whose gradient only ever sees the last few steps — it lands on whichever
+step of the chain the window names.
+
+Which window: the paper takes t late (its 40-step sampler, t among the last 10 steps) because
+its reward model only reads near-finished images; the defaults here are that window on the
+default 20-step sampler (steps 15–19). Which step *decides* a property is a fact about the
+model: on ShapesWorld the layout of a relation prompt is fixed by the 5th–7th of 20 DDIM steps
+(x̂_0 at step 6 already puts the objects on the side of each other they end on in 23 of 23
+detectable cases) and ``shapes-negclip`` reads the relation from x̂_0 there (AUROC 0.90). Drawing
+t from those steps (``refl.first_step=3 refl.last_step=8``) was measured and made the model
+worse, not better: the reward of x̂_0 rose while the finished images' oracle alignment fell
+(−0.130 after 40 epochs on seed 2, shapes deformed) — see ``docs/studies/default-job.md``.
+
+Deviations from the paper, and why:
+- No pre-training-data loss is mixed in (the paper's regulariser, with a second data loader):
+  diffalign trains a LoRA adapter, which already bounds how far the model moves, and the
+  library has no image-caption dataset to draw from. The paper's ReLU reward-to-loss map
+  φ is replaced by the identity (as AlignProp and DRaFT do), because the rewards here are
+  bounded similarities.
+- The window is given in denoising steps of the configured sampler (``refl.first_step``,
+  ``refl.last_step``, 0-based, both inclusive), not fixed to 40 steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from diffalign.optim.alignprop import AlignProp, GradientWindow
+from diffalign.sampling import (
+    alpha_cumprod_at,
+    ddim_step_with_logprob,
+    decode_latents,
+    guided_noise,
+    initial_latents,
+    predict_original,
+)
+
+
+def x0_at_step(
+    context,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    guidance_scales: torch.Tensor,
+    *,
+    num_steps: int,
+    eta: float,
+    gradient_step: int,
+    checkpointed: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Decoded one-step predictions ``[B, 3, H, W]`` in [0, 1] made at denoising step ``gradient_step``.
+
+    Steps ``0 .. gradient_step - 1`` run without gradient (DDIM-η, like training samples); the
+    UNet call at ``gradient_step`` carries the graph. ``guidance_scales  # [B, T]``.
+    """
+    pipe, unet = context.pipe, context.unet
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(num_steps, device=context.accelerator.device)
+    latents = initial_latents(pipe, prompt_embeds.shape[0], generator)
+    timesteps = scheduler.timesteps
+    with torch.no_grad():
+        for step in range(gradient_step):
+            noise = guided_noise(
+                unet, latents, timesteps[step], prompt_embeds, negative_prompt_embeds, guidance_scales[:, step]
+            )
+            latents, _ = ddim_step_with_logprob(scheduler, noise, timesteps[step], latents, eta=eta, generator=generator)
+    timestep = timesteps[gradient_step]
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return guided_noise(
+            unet, x, timestep, prompt_embeds, negative_prompt_embeds, guidance_scales[:, gradient_step]
+        )
+
+    noise = checkpoint(predict, latents, use_reentrant=False) if checkpointed else predict(latents)
+    clean, _ = predict_original(scheduler, noise, alpha_cumprod_at(scheduler, timestep, latents), latents)
+    return decode_latents(pipe, clean.to(latents.dtype))
+
+
+class ReFL(AlignProp):
+    """The ReFL epoch: AlignProp's loop (``num_batches_per_epoch`` updates, one per sampled batch)
+    with the reward read from x̂_0 at a step drawn from the window instead of the finished image."""
+
+    label = "ReFL"
+    window_metric = "gradient_step"
+
+    @property
+    def reward_scale(self) -> float:
+        return self.config.refl.reward_scale
+
+    def window(self, generator: torch.Generator) -> GradientWindow:
+        """``steps`` holds the drawn gradient step t (0-based) for ReFL."""
+        section = self.config.refl
+        step = int(torch.randint(section.first_step, section.last_step + 1, (), generator=generator))
+        return GradientWindow(step, section.checkpoint_unet)
+
+    def sample_images(
+        self, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor, window: GradientWindow,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        sample_config = self.config.sample
+        return x0_at_step(
+            self.context, cond, uncond, scales, num_steps=sample_config.num_steps, eta=sample_config.eta,
+            gradient_step=window.steps, checkpointed=window.checkpointed, generator=generator,
+        )
