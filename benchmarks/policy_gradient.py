@@ -53,6 +53,20 @@ VARIANTS: dict[str, list[str]] = {
     # layouts are decided (MixGRPO's window, Li et al. 2025): the reward is credited to those steps only.
     "ddpo-window-0-7": ["method=ddpo", "lora.init=gaussian", "train.learning_rate=3e-4",
                         "sample.stochastic_steps=[0, 7]"],
+    # ... as GRPO over groups of 8 sharing one x_T (DanceGRPO) with the same window: within a group
+    # only the window's noise differs, so advantages credit exactly the steps that are trained.
+    "grpo-window-shared-noise": ["method=grpo", "lora.init=gaussian", "train.learning_rate=3e-4",
+                                 "sample.images_per_prompt=8", "sample.shared_initial_noise=true",
+                                 "sample.stochastic_steps=[0, 7]"],
+    # The recipe (diffalign/presets/grpo.yaml): the above for 40 epochs, the run length fixed on seeds 1 and 2
+    # before seed 0 reached it; longer runs can collapse (docs/studies/policy-gradient.md).
+    "grpo-window-shared-noise-40": ["method=grpo", "lora.init=gaussian", "train.learning_rate=3e-4",
+                                    "sample.images_per_prompt=8", "sample.shared_initial_noise=true",
+                                    "sample.stochastic_steps=[0, 7]", "epochs=40"],
+    # ... with Flow-GRPO's KL to the reference (beta 0.04), against the collapse of long runs.
+    "grpo-window-shared-noise-kl": ["method=grpo", "lora.init=gaussian", "train.learning_rate=3e-4",
+                                    "sample.images_per_prompt=8", "sample.shared_initial_noise=true",
+                                    "sample.stochastic_steps=[0, 7]", "grpo.kl_weight=0.04"],
     # What the clip exists for: 4 passes over each epoch's samples.
     "ddpo-ppo4": ["method=ddpo", "lora.init=gaussian", "train.inner_epochs=4"],
     # Group-relative advantages over 8 images per prompt (Flow-GRPO, DanceGRPO).

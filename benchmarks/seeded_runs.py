@@ -94,17 +94,23 @@ def summarise(runs: list[dict], keys: list[str], target_key: str, target_gain: f
     """Per variant: mean/min/max of each curve's change since that seed's base, the queries each
     seed needed to raise ``target_key`` by ``target_gain``, final changes, seconds per run.
 
-    A curve a variant does not log (e.g. a TextNorm score in a raw-reward run) is left out.
+    A curve a variant does not log (e.g. a TextNorm score in a raw-reward run) is left out. When
+    a variant's seeds ran for different lengths (one stopped early), every seed is summarised over
+    the evaluations they all have, and ``evaluations`` says how many that is.
     """
     summary = {"target_gain": target_gain, "target_key": target_key, "variants": {}}
     for variant in dict.fromkeys(run["variant"] for run in runs):
         group = [run for run in runs if run["variant"] == variant]
         present = [key for key in keys if all(run["curves"].get(key) for run in group)]
+        common = min([len(run["queries"]) for run in group] + [len(run["curves"][key]) for run in group
+                                                               for key in present])
         deltas = {
-            key: np.array([np.array(run["curves"][key]) - run["curves"][key][0] for run in group]) for key in present
+            key: np.array([np.array(run["curves"][key][:common]) - run["curves"][key][0] for run in group])
+            for key in present
         }
         summary["variants"][variant] = {
-            "queries": group[0]["queries"],
+            "evaluations": common,
+            "queries": group[0]["queries"][:common],
             "base": {key: float(np.mean([run["curves"][key][0] for run in group])) for key in present},
             "change": {
                 key: {"mean": d.mean(0).tolist(), "min": d.min(0).tolist(), "max": d.max(0).tolist()}

@@ -599,7 +599,7 @@ def _validate_stochastic_steps(config: TrainConfig) -> None:
             or not 0 <= window[0] <= window[1] < steps):
         raise ConfigError(
             f"sample.stochastic_steps must be [first, last] with 0 <= first <= last < sample.num_steps ({steps}), "
-            f"got {window}"
+            f"got {window}; set sample.stochastic_steps=[] to make every step stochastic"
         )
 
 

@@ -115,6 +115,7 @@ def test_grpo_follows_a_reward(tmp_path):
     config = load_config(None, [
         f"output_dir={tmp_path / 'run'}", "epochs=5", "train.learning_rate=1e-2",
         "grpo.clip_range=1e-2", *SHORT_JOB, "method=grpo", "sample.images_per_prompt=4",
+        "sample.stochastic_steps=[]", "lora.init=default", "sample.shared_initial_noise=false",
     ])
     history = train(config, reward=Brightness(), progress=False).history
     rise, margin = _rise_and_margin(history)
