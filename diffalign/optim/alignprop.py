@@ -76,6 +76,9 @@ def differentiable_sample(
 class AlignProp:
     """The AlignProp epoch: ``num_batches_per_epoch`` differentiable samples, one update each."""
 
+    label = "AlignProp"
+    window_metric = "truncation_steps"  # the metric that logs each update's GradientWindow.steps
+
     def __init__(self, context: TrainContext, config: TrainConfig):
         self.context = context
         self.config = config
@@ -84,9 +87,6 @@ class AlignProp:
     def accumulation_steps(config: TrainConfig) -> int:
         """Micro-steps per optimiser step: one per sampled batch."""
         return config.train.gradient_accumulation_steps
-
-    label = "AlignProp"
-    window_metric = "truncation_steps"  # the metric that logs each update's GradientWindow.steps
 
     @property
     def reward_scale(self) -> float:
