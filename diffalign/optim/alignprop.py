@@ -107,6 +107,11 @@ class AlignProp:
             num_steps=sample_config.num_steps, eta=sample_config.eta, window=window, generator=generator,
         )
 
+    @torch.no_grad()
+    def prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cond, uncond)`` for a batch; without gradient, as the text encoder is frozen."""
+        return encode_prompts(self.context.pipe, prompts, self.config.sample.negative_prompt)
+
     def truncation(self, generator: torch.Generator) -> int:
         """K for the next update: fixed, or uniform on 1..truncation_steps."""
         section = self.config.alignprop
@@ -123,8 +128,7 @@ class AlignProp:
             per_prompt = sample_config.images_per_prompt
             drawn = prompt_sets.draw(context.prompts, sample_config.batch_size // per_prompt, generator)
             prompts = [prompt for prompt in drawn for _ in range(per_prompt)]
-            with torch.no_grad():
-                cond, uncond = encode_prompts(context.pipe, prompts, sample_config.negative_prompt)
+            cond, uncond = self.prompt_embeddings(prompts)
             scales = torch.full((len(prompts), sample_config.num_steps), sample_config.guidance_scale)
             if context.exploration is not None:
                 explored = context.exploration.explore(prompts, generator)
