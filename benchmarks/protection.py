@@ -230,7 +230,7 @@ class DirectionalSimilarity:
     """CLIP directional similarity with the ShapesWorld CLIP: cos(ΔI, ΔT) per edit."""
 
     def __init__(self):
-        from diffalign.rewards.shapes import ShapesClip
+        from diffalign.shapes.rewards import ShapesClip
 
         self.clip = ShapesClip()
 

@@ -464,10 +464,10 @@ def validate(config: TrainConfig) -> None:
             rewards.info(name)
         except rewards.RewardError as error:
             raise ConfigError(f"eval.rewards: {error}") from error
-    shapes_sets = [name for name in config.eval.prompt_sets if name.startswith("shapes-")]
-    if shapes_sets and config.model not in ("shapes", "tiny-random"):
+    unfit, what = prompts.unfit_for(config.eval.prompt_sets, config.model)
+    if unfit:  # the rule travels with the prompt set (diffalign.registry.register_prompt_set)
         raise ConfigError(
-            f"eval.prompt_sets {shapes_sets} are ShapesWorld prompts but model is {config.model!r}: set "
+            f"eval.prompt_sets {unfit} are {what} but model is {config.model!r}: set "
             "eval.prompt_sets=[] (evaluates the training prompts) or name prompt sets for your model, and "
             "eval.rewards=[] unless you have an extra reward to watch"
         )

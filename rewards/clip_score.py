@@ -14,17 +14,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from diffalign.rewards.base import TextEmbeddingCache, register
+from diffalign.rewards.base import TextEmbeddingCache
 from diffalign.rewards.checkpoints import TINY_RANDOM
 from diffalign.rewards.open_clip_encoder import candidate_cosines, load_open_clip, pretrained_weights, tiny_open_clip
 
 
-@register(
-    "clip-score",
-    description="cosine similarity of open_clip image and prompt embeddings (default ViT-L-14, OpenAI weights)",
-    differentiable=True,
-    needs_checkpoint=True,
-)
 class ClipScore(nn.Module):
     """Cosine similarity between each image and its prompt under an open_clip model.
 

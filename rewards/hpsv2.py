@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from diffalign.rewards.base import RewardError, TextEmbeddingCache, register
+from diffalign.rewards.base import RewardError, TextEmbeddingCache
 from diffalign.rewards.checkpoints import TINY_RANDOM, cached_hub_file, existing_file
 from diffalign.rewards.open_clip_encoder import candidate_cosines, load_open_clip, tiny_open_clip
 
@@ -27,12 +27,6 @@ BASE_ARCH, BASE_PRETRAINED = "ViT-H-14", "laion2b_s32b_b79k"  # what HPSv2 was f
 HPS_PREPROCESS = {"resize_mode": "longest", "fill_color": 0}
 
 
-@register(
-    "hpsv2",
-    description="Human Preference Score v2: cosine of HPS-fine-tuned open_clip ViT-H/14 embeddings",
-    differentiable=True,
-    needs_checkpoint=True,
-)
 class HPSv2(nn.Module):
     """Human preference for each image given its prompt, as HPSv2 predicts it.
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from diffalign.rewards import contrast as contrast_module
-from diffalign.rewards.base import Reward, RewardError, build, register_wrapper
+from diffalign.rewards.base import Reward, RewardError, build
 from diffalign.rewards.contrast import ContrastGenerator
 
 # c per built-in reward: the logit scale each was trained with (see the module docstring).
@@ -189,11 +189,6 @@ def _label(generator: ContrastGenerator) -> str:
     return repr(getattr(generator, "name", generator))
 
 
-@register_wrapper(
-    "textnorm",
-    description="TextNorm (Kim et al. 2024): probability of the prompt among contrastive prompts; "
-    "differentiable iff its members are",
-)
 def build_textnorm(members: Sequence[str], **options: Any) -> TextNorm:
     """``textnorm(a,b)`` from the registry. A member's own options are a mapping under its name,
     e.g. ``{c: [20, 100], contrast: shapes, clip-score: {checkpoint: tiny-random}}``; all other

@@ -21,11 +21,11 @@ from diffalign.rewards.contrast import (
     FileContrast,
     LanguageModelContrast,
     RuleContrast,
-    ShapesContrast,
     from_spec,
     parse_lines,
 )
 from diffalign.shapes import grammar, splits
+from diffalign.shapes.contrast import ShapesContrast
 from diffalign.shapes.world import render
 
 PROMPTS = ["a red circle", "two red circles", "a red circle left of a blue square"]  # 9, 9 and 21 contrasts

@@ -17,6 +17,7 @@ from itertools import permutations
 
 import numpy as np
 
+from diffalign.shapes import PROMPT_SETS  # name -> (split, kind), registered by the package
 from diffalign.shapes.grammar import (
     KINDS,
     NUMBER_WORDS,
@@ -41,13 +42,6 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 # signal (binding colour to shape, and position), counts are the rarest skill to need.
 TRAINING_MIX: dict[str, float] = {"single": 0.4, "count": 0.2, "relation": 0.4}
 
-PROMPT_SETS: dict[str, tuple[str, str]] = {
-    "shapes-train": ("train", "all"),
-    "shapes-heldout": ("heldout", "all"),
-    "shapes-single": ("train", "single"),
-    "shapes-count": ("train", "count"),
-    "shapes-relation": ("train", "relation"),
-}
 
 
 def prompts(split: str = "train", kind: str = "all") -> list[str]:

@@ -29,10 +29,6 @@ from diffalign.shapes import models
 from diffalign.shapes.splits import training_pairs
 from diffalign.tokenizer import clip_tokenizer
 
-# OpenAI CLIP's normalisation constants: kept so the model reads images like any CLIP does.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 @dataclass
 class ShapesTrainingConfig:
@@ -79,8 +75,8 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 
 def clip_pixels(images: torch.Tensor) -> torch.Tensor:
     """[0, 1] images → CLIP's normalised input (the scenes are already at the model's size)."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(models.CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(models.CLIP_STD, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std
 
 
