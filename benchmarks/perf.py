@@ -432,7 +432,7 @@ def benchmark_ddpo(settings: Settings) -> dict:
 
     def ddpo_epoch(index: int) -> None:
         timed_reward.seconds = 0.0
-        method.run_epoch(index, torch.Generator().manual_seed(settings.seed + index))
+        method.run_epoch(torch.Generator().manual_seed(settings.seed + index))
         reward_seconds.append(timed_reward.seconds)
 
     def bare_epoch(index: int) -> None:

@@ -65,16 +65,15 @@ def _reward_table() -> str:
 
 
 def _train_epilog() -> str:
+    from diffalign import optim
+
+    methods = "\n".join(f"  {info.name:<10} {info.description}" for info in optim.available())
     keys = "\n".join(f"  {key:<36} {default:<22} {text}" for key, default, text in config_module.describe())
     return (
         "default job (no method named): diffalign/presets/default.yaml, AlignProp + DiffExp on shapes-clip,\n"
         "  20 epochs (docs/studies/default-job.md)\n\n"
         "methods (method=...; each starts from its preset in diffalign/presets/<method>.yaml):\n"
-        "  ddpo       DDPO (Black et al. 2023): PPO-clip policy gradient on per-step log-probs\n"
-        "  grpo       GRPO (Flow-GRPO, Liu et al. 2025): DDPO with advantages relative to each prompt's image group\n"
-        "  dpok       DPOK (Fan et al. 2023): policy gradient + KL to the pre-trained model + value baseline\n"
-        "  alignprop  AlignProp (Prabhudesai et al. 2023): backprop of a differentiable reward through sampling\n"
-        "  refl       ReFL (Xu et al. 2023): a differentiable reward on the one-step x0 prediction at a drawn step\n\n"
+        f"{methods}\n\n"
         "exploration (exploration=...):\n"
         "  none       sample with the fixed guidance scale and the prompt as written\n"
         "  diffexp    DiffExp (Chae et al. 2025): low guidance on early steps + random phrase weights (compel)\n\n"

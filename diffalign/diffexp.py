@@ -84,7 +84,7 @@ class DiffExp:
     """Draws DiffExp's guidance schedules and phrase weights for a pipeline's prompts."""
 
     def __init__(self, pipe: StableDiffusionPipeline, section: DiffExpSection, guidance_scale: float, num_steps: int):
-        check_section(section)
+        section.check()
         self.pipe = pipe
         self.section = section
         self.guidance_scale = guidance_scale
@@ -130,24 +130,3 @@ class DiffExp:
             weighted = list(prompts)
         embeds = self.compel(weighted)
         return Exploration(scales, embeds, weighted)
-
-
-def check_section(section: DiffExpSection) -> None:
-    """Reject empty, reversed or negative ranges with a message naming the key."""
-    for key in ("low_guidance", "phrase_weight"):
-        bounds = getattr(section, key)
-        if len(bounds) != 2 or not all(isinstance(v, (int, float)) for v in bounds):
-            raise ExplorationError(f"diffexp.{key} must be a [low, high] pair of numbers, got {bounds!r}")
-        low, high = bounds
-        if low < 0 or high < 0:
-            raise ExplorationError(f"diffexp.{key} must not be negative, got {bounds!r}")
-        if low > high:
-            raise ExplorationError(f"diffexp.{key} is empty: low {low} > high {high}")
-    if section.phrase_weight[1] <= 0:
-        raise ExplorationError(f"diffexp.phrase_weight must include a positive weight, got {section.phrase_weight!r}")
-    if not 0 <= section.low_guidance_fraction <= 1:
-        raise ExplorationError(
-            f"diffexp.low_guidance_fraction must be in [0, 1], got {section.low_guidance_fraction}"
-        )
-    if section.weighted_phrases < 1:
-        raise ExplorationError(f"diffexp.weighted_phrases must be at least 1, got {section.weighted_phrases}")

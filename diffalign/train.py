@@ -21,13 +21,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from diffalign import checkpoint, outputs, pipeline, plots, rewards
+from diffalign import checkpoint, optim, outputs, pipeline, plots, rewards
 from diffalign import prompts as prompt_sets
 from diffalign.config import TrainConfig, load_config, resume_changes
 from diffalign.diffexp import DiffExp
 from diffalign.errors import DiffalignError
 from diffalign.evaluation import Evaluator
-from diffalign.optim import METHOD_CLASSES
 from diffalign.optim.base import TrainContext
 
 
@@ -86,7 +85,7 @@ def build_context(config: TrainConfig, reward: rewards.Reward | None = None) -> 
 
     ``train`` calls this; so do benchmarks that time one method's epoch on its own.
     """
-    method_class = METHOD_CLASSES[config.method]
+    method_class = optim.get(config.method).cls
     accelerator = Accelerator(
         # Without a GPU, accelerate only sets up multi-process (gloo) training when told it is on CPU.
         cpu=not torch.cuda.is_available(),
@@ -177,7 +176,7 @@ class Trainer:
         self.context = context = build_context(config, reward)
         self.accelerator = accelerator = context.accelerator
         self.pipe, self.reward = context.pipe, context.reward
-        self.method = METHOD_CLASSES[config.method](context, config)
+        self.method = optim.get(config.method).cls(context, config)
         # Every process has passed the checks above before the main process writes anything.
         accelerator.wait_for_everyone()
 
@@ -257,7 +256,7 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         generator = torch.Generator().manual_seed(epoch_seed(config.seed, self.epoch, accelerator.process_index))
         started = time.perf_counter()
-        metrics = self.method.run_epoch(self.epoch, generator)
+        metrics = self.method.run_epoch(generator)
         seconds = time.perf_counter() - started
         self.epoch = done = self.epoch + 1
         seen = (self.history[-1]["samples_seen"] if self.history else 0) + metrics["samples"]
