@@ -87,3 +87,31 @@ def test_train_ends_with_a_before_after_summary_read_from_its_metrics(tmp_path, 
     assert f"{before:.3f} -> {after:.3f} ({after - before:+.3f})" in line and line.endswith("(training reward)")
     assert "time: " in out and str(run / "samples") in out and str(run / "reward_curve.png") in out
     assert (run / "samples" / "epoch-0002.png").is_file() and (run / "reward_curve.png").is_file()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["rewards"], ["train", "--help"]])
+def test_listing_commands_import_no_torch_and_no_study(argv):
+    """The command tree is built without importing commands' modules: help and listings stay fast
+    (benchmarks/cli_startup.py measures it)."""
+    script = (
+        "import sys\n"
+        "from diffalign.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('LOADED', sorted(m for m in ('torch', 'scipy', 'matplotlib', 'open_clip', 'diffalign.benchmarks') "
+        "if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    loaded = result.stdout.strip().splitlines()[-1]
+    if argv[0] == "train":  # lists the methods and their config keys: torch code (and diffusers' scipy)
+        assert "open_clip" not in loaded and "matplotlib" not in loaded and "benchmarks" not in loaded
+    else:
+        assert loaded == "LOADED []"
+
+
+def test_python_dash_m_diffalign_runs_the_command():
+    result = subprocess.run([sys.executable, "-m", "diffalign", "rewards"], capture_output=True, text=True)
+    assert result.returncode == 0 and "shapes-oracle" in result.stdout

@@ -389,15 +389,12 @@ def test_zero_or_negative_counts_are_refused_by_the_parser(argv, capsys):
 
 
 def test_programming_errors_keep_their_traceback(monkeypatch):
-    import diffalign.cli
+    import diffalign.cli.rewards
 
     def broken(args):
         raise ValueError("a bug, not a user error")
 
-    monkeypatch.setattr(diffalign.cli, "cmd_rewards", broken)
-    parser = diffalign.cli.build_parser()
-    monkeypatch.setattr(diffalign.cli, "build_parser", lambda: parser)
-    parser._subparsers._group_actions[0].choices["rewards"].set_defaults(handler=broken)
+    monkeypatch.setattr(diffalign.cli.rewards, "cmd_rewards", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["rewards"])
 

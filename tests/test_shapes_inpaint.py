@@ -18,6 +18,7 @@ from safetensors import safe_open
 from diffalign import cli, pipeline
 from diffalign.inpainting import edit, load_inpainting
 from diffalign.shapes import assets, detect, inpaint_training, parse, render, scene_for
+from diffalign.shapes import cli as shapes_cli
 from diffalign.shapes.inpaint_training import (
     MASK_MIX,
     InpaintTrainingConfig,
@@ -188,7 +189,7 @@ def test_shapes_inpaint_loads_by_name_from_the_installed_unet(toy_output, tmp_pa
 
     argv = ["shapes", "train-inpaint", "-o", str(tmp_path), "--steps", "3", "--install"]
     args = cli.build_parser().parse_args(argv)
-    assert args.handler is cli.cmd_shapes_train_inpaint and args.steps == 3 and args.install
+    assert args.handler is shapes_cli.train_inpaint and args.steps == 3 and args.install
 
 
 def test_missing_and_damaged_inpaint_weights_name_the_file_and_the_command(toy_output, tmp_path, monkeypatch):
