@@ -33,7 +33,6 @@ from diffalign.sampling import (
     sample,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -120,21 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--estimates", type=int, default=4, help="independent estimates per kind (all pairs compared)")
     parser.add_argument("--rewards", nargs="+", default=["brightness", "shapes-clip"])
-    parser.add_argument("--output", default=str(RESULTS / "gradient_snr.json"))
+    parser.add_argument("--output", default="results/gradient_snr",
+                        help="folder for gradient_snr.json (default: %(default)s, under the current folder)")
     parser.add_argument("--quick", action="store_true", help="tiny-random, 8 images, 3 steps, brightness only")
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.batch, args.steps, args.rewards, args.estimates = "tiny-random", 8, 3, ["brightness"], 3
     result = run(args.model, args.prompt, args.batch, args.steps, args.rewards, args.estimates)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1), "utf-8")
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "gradient_snr.json").write_text(json.dumps(result, indent=1), "utf-8")
     print(f"cosine between independent gradient estimates ({args.batch} images each, {args.model}; "
           f"mean ± std over {result['rewards'][args.rewards[0]]['pathwise']['pairs']} pairs):")
     print(f"{'reward':<14} {'PG, own x_T':>16} {'PG, shared x_T':>16} {'pathwise':>16}")
     for name, entry in result["rewards"].items():
         cells = [entry[k] for k in ("policy_gradient_independent_noise", "policy_gradient_shared_noise", "pathwise")]
         print(f"{name:<14}" + "".join(f"{c['mean']:>10.3f} ± {c['std']:.2f}" for c in cells))
-    print(f"wrote {args.output}")
+    print(f"wrote {output / 'gradient_snr.json'}")
     return 0
 
 

@@ -20,16 +20,22 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-# Installed name of each source folder (pyproject's package-dir); ShapesWorld is the one world.
-GENERIC = {"diffalign": REPO / "diffalign", "diffalign.rewards": REPO / "rewards", "diffalign.defenses": REPO / "defenses"}
-OTHERS = {"diffalign.benchmarks": REPO / "benchmarks", "diffalign.app": REPO / "app"}
 WORLD = "diffalign.shapes"
+
+
+def _folder(package: str) -> Path:
+    """Where ``package``'s source lies (found without importing it; editable or not)."""
+    return Path(importlib.util.find_spec(package).submodule_search_locations[0])
+
+
+GENERIC = {name: _folder(name) for name in ("diffalign", "diffalign.rewards", "diffalign.defenses")}
+OTHERS = {name: _folder(name) for name in ("diffalign.benchmarks", "diffalign.app")}
 
 
 def modules_in(packages: dict[str, Path]) -> dict[str, Path]:

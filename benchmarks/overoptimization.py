@@ -13,8 +13,9 @@ DDPO is the method the paper studies; on a CPU budget its proxy barely moves on 
 (README, issue 3), so the study also runs AlignProp, whose proxy does climb within the budget,
 to show what happens to the oracle while a proxy is pushed up.
 
-Outputs: ``results/overoptimization.json`` (every curve, summaries, the AUROC table) and
-``results/overoptimization.png`` (change since the base model against reward queries).
+Outputs, in ``--output`` (default ``./results/overoptimization/``): ``overoptimization.json``
+(every curve, summaries, the AUROC table) and ``overoptimization.png`` (change since the base
+model against reward queries).
 
     python -m diffalign.benchmarks.overoptimization            # 2 methods x 2 rewards x 3 seeds
     python -m diffalign.benchmarks.overoptimization --quick    # smoke run, about a minute
@@ -29,7 +30,6 @@ from pathlib import Path
 
 from diffalign.benchmarks import seeded_runs
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RAW, CALIBRATED = "shapes-clip", "textnorm(shapes-clip)"
 PROMPTS = "shapes-count"
 # Per method, the settings under which its proxy moves within a CPU budget. DDPO: 64 images per
@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override applied to every run")
     parser.add_argument("--tia-data", help="a TIA2-format dataset for the AUROC table (default: shapes-TIA)")
-    parser.add_argument("--output", default=str(RESULTS / "overoptimization.json"))
+    parser.add_argument("--output", default="results/overoptimization",
+                        help="folder for overoptimization.json and .png (default: %(default)s, under the current folder)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 short epochs: a smoke run")
     parser.add_argument("--from-json", metavar="PATH", help="re-plot and re-print a finished study")
     parser.add_argument("--no-progress", action="store_true")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sample.images_per_prompt=4", "train.batch_size=8", "train.gradient_accumulation_steps=1",
                 *args.set])
         result = run(study, jobs=args.jobs, tia_data=args.tia_data, progress=not args.no_progress)
-        output = Path(args.output)
+        output = Path(args.output) / "overoptimization.json"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=1), "utf-8")
         args.from_json = str(output)

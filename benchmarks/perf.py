@@ -46,7 +46,6 @@ from typing import Callable, Iterator
 
 import torch
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "perf.json"
 SAMPLING_TARGET = 1.05  # our seconds / stock seconds
 DDPO_TARGET = 1.2  # DDPO epoch seconds / bare-compute seconds
 # Above this (max - min) / median of a series, the machine was too busy for 5 % differences to mean much.
@@ -514,7 +513,7 @@ def run(
     steps: int | None = None,
     repeats: int | None = None,
     threads: int | None = None,
-    output: str | Path | None = DEFAULT_OUTPUT,
+    output: str | Path | None = None,
     settings: Settings | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -649,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help=f"timed repetitions per pair (default {Settings.repeats})")
     parser.add_argument("--threads", type=int,
                         help="torch threads (default: torch's own; 1 is steadier on a busy machine)")
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON file to write (default: %(default)s)")
+    parser.add_argument("--output", default="results/perf",
+                        help="folder for perf.json (default: %(default)s, under the current folder)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke run")
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "repeats", "threads"):
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     result = run(quick=args.quick, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
-                 threads=args.threads, output=args.output, log=lambda message: print(message, file=sys.stderr))
+                 threads=args.threads, output=Path(args.output) / "perf.json", log=lambda message: print(message, file=sys.stderr))
     print(format_table(result))
     return 0
 

@@ -69,7 +69,6 @@ from diffalign.shapes.inpaint_training import blended_inpainting, object_regions
 from diffalign.shapes.splits import prompts as split_prompts
 from diffalign.shapes.world import Obj, Scene
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("diffusionguard", "photoguard", "advdm")
 CONDITIONS = ("seen", "unseen-box", "unseen-lasso", "jpeg", "transfer")
 UNSEEN = ("unseen-box", "unseen-lasso")
@@ -364,8 +363,9 @@ def protect_all(editors: Editors, cases: list[Case], method: str, budget: float,
     }
 
 
-def run(settings: Settings, output: Path | None = RESULTS / "protection.json", progress: bool = True) -> dict:
-    """Protect, edit and score; writes JSON and figures beside ``output`` when given."""
+def run(settings: Settings, output: Path | None = None, progress: bool = True) -> dict:
+    """Protect, edit and score; writes the JSON to ``output`` and the figures beside it when given
+    (the command: ``<--output>/protection.json``)."""
     started = time.perf_counter()
     cases = make_cases(settings.scenes, settings.seed)
     editors, directional = Editors(settings), DirectionalSimilarity()
@@ -494,8 +494,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[8, 32], metavar="B",
                         help="L∞ budgets in 1/255 units (default: 8 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes and of the PGD noise")
-    parser.add_argument("--output", "-o", default=str(RESULTS / "protection.json"),
-                        help="JSON file; the figures are written beside it")
+    parser.add_argument("--output", "-o", default="results/protection",
+                        help="folder for protection.json and its figures (default: %(default)s, under the current "
+                        "folder)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to compare")
     parser.add_argument("--guard-editor-steps", type=int, metavar="N",
                         help="DiffusionGuard attacks the first timestep of an N-step schedule "
@@ -516,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    result = run(settings_from(args), Path(args.output), progress=not args.no_progress)
+    result = run(settings_from(args), Path(args.output) / "protection.json", progress=not args.no_progress)
     print(format_table(result))
     return 0
 

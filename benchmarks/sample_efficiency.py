@@ -3,10 +3,11 @@ AlignProp+DiffExp and DPOK on ShapesWorld with the ``shapes-clip`` reward, sever
 
 Every variant gets the same budget of reward queries (sampled images that were rewarded) and
 is evaluated at the same points with fixed noise: the proxy reward and the exact oracle's
-alignment on train and held-out prompts. The study writes
+alignment on train and held-out prompts. The study writes, in ``--output`` (default
+``./results/sample_efficiency/``),
 
-* ``results/sample_efficiency.json`` — every run's curve, per-variant mean and spread,
-* ``results/sample_efficiency.png`` — curves against reward queries (mean, min-max band),
+* ``sample_efficiency.json`` — every run's curve, per-variant mean and spread,
+* ``sample_efficiency.png`` — curves against reward queries (mean, min-max band),
 * a table: queries each seed needed to raise its train-oracle alignment by a fixed amount, the
   final change of each curve since the base model, seconds per run.
 
@@ -26,7 +27,6 @@ from pathlib import Path
 from diffalign.benchmarks import seeded_runs
 from diffalign.benchmarks.seeded_runs import queries_to_reach  # noqa: F401 - part of this study's API
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS: dict[str, list[str]] = {
     "ddpo": ["method=ddpo"],
     "ddpo+diffexp": ["method=ddpo", "exploration=diffexp"],
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (torch threads = cores / jobs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override applied to every run")
-    parser.add_argument("--output", default=str(RESULTS / "sample_efficiency.json"))
+    parser.add_argument("--output", default="results/sample_efficiency",
+                        help="folder for sample_efficiency.json and .png (default: %(default)s, under the current folder)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs of 8 samples, 5 steps: a smoke run")
     parser.add_argument("--from-json", metavar="PATH",
                         help="re-summarise, re-plot and re-print a finished study's JSON without running it")
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         study = Study(seeds=args.seeds[:1], variants=args.variants, epochs=2, samples_per_epoch=8, eval_every=1,
                       eval_size=8, num_steps=5, extra=["train.batch_size=4", *args.set])
     result = run(study, jobs=args.jobs)
-    output = Path(args.output)
+    output = Path(args.output) / "sample_efficiency.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1), "utf-8")
     plot(result["summary"], output.with_suffix(".png"))

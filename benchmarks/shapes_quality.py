@@ -28,7 +28,6 @@ from diffalign.shapes import correct, parse, render, scene_for, score
 from diffalign.shapes.grammar import KINDS
 from diffalign.shapes.splits import prompts as split_prompts
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def draw_prompts(split: str, kind: str, count: int, seed: int) -> list[str]:
@@ -76,9 +75,11 @@ def run(
     steps: int = 20,
     guidances: tuple[float, ...] = (5.0,),
     seed: int = 0,
-    output: Path | None = RESULTS / "shapes_quality.json",
-    grids: Path | None = RESULTS / "shapes_quality",
+    output: Path | None = None,
+    grids: Path | None = None,
 ) -> dict:
+    """Oracle scores of ``model``'s images per split and kind; written as JSON to ``output`` and
+    sample grids into ``grids`` when they are given (``main``: ``./results/shapes_quality/``)."""
     pipe = pipeline.load(model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     result: dict = {"model": model, "per_cell": per_cell, "steps": steps, "seed": seed, "by_guidance": {}}
@@ -126,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, nargs="+", default=[5.0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(RESULTS / "shapes_quality.json"))
+    parser.add_argument("--output", default="results/shapes_quality",
+                        help="folder for shapes_quality.json and the grids (default: %(default)s, under the current folder)")
     parser.add_argument("--quick", action="store_true", help="8 prompts per cell, 5 steps")
     args = parser.parse_args(argv)
     if args.quick:
         args.per_cell, args.steps = 8, 5
     result = run(args.model, per_cell=args.per_cell, steps=args.steps, guidances=tuple(args.guidance),
-                 seed=args.seed, output=Path(args.output), grids=Path(args.output).with_suffix(""))
+                 seed=args.seed, output=Path(args.output) / "shapes_quality.json", grids=Path(args.output))
     print(format_table(result))
     return 0
 

@@ -87,7 +87,7 @@ COUNTS: tuple[str, ...] = (
     "images_missing",
 )
 LABELS: frozenset[int] = frozenset({1, 0, -1})
-RESULTS = Path(__file__).resolve().parent / "results" / "tia2"
+RESULTS = Path("results") / "tia2"  # the default output, under the current folder
 SCORE_CACHE = ".diffalign-scores"  # folder beside the data that holds cached scores
 _LABEL_FILE_PREFIX = "human_labels_"  # how the TextNorm repository names its files
 

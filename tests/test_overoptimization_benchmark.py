@@ -39,9 +39,9 @@ def test_every_variant_is_evaluated_with_the_raw_proxy_and_the_oracle(tmp_path):
 def test_quick_study_writes_curves_auroc_table_and_plot(tmp_path, capsys):
     tia = shapes_tia.make(tmp_path / "tia", shapes_tia.ShapesTiaConfig(prompts_per_subset=2, images_per_prompt=4,
                                                                          num_steps=4), progress=False)
-    output = tmp_path / "study.json"
     overoptimization.main(["--quick", "--jobs", "1", "--methods", "alignprop", "--tia-data", str(tia),
-                           "--output", str(output), "--no-progress"])
+                           "--output", str(tmp_path / "study"), "--no-progress"])
+    output = tmp_path / "study" / "overoptimization.json"
     written = json.loads(output.read_text("utf-8"))
     assert [run["variant"] for run in written["runs"]] == ["alignprop · shapes-clip",
                                                            "alignprop · textnorm(shapes-clip)"]

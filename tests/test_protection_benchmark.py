@@ -129,7 +129,7 @@ def test_directional_similarity_prefers_the_requested_change(cases):
 @pytest.mark.slow
 def test_quick_benchmark_writes_table_json_and_figures(tmp_path, capsys):
     output = tmp_path / "protection.json"
-    cli.main(["bench", "protection", "--quick", "-o", str(output), "--no-progress"])
+    cli.main(["bench", "protection", "--quick", "-o", str(tmp_path), "--no-progress"])
     printed = capsys.readouterr().out
     assert "diffusionguard" in printed and "unprotected" in printed
     result = json.loads(output.read_text("utf-8"))

@@ -33,9 +33,9 @@ def test_summary_compares_changes_since_each_seeds_base():
 
 @pytest.mark.slow
 def test_quick_study_writes_json_plot_and_table(tmp_path, capsys):
-    output = tmp_path / "study.json"
     study_module.main(["--quick", "--jobs", "1", "--variants", "ddpo+diffexp", "alignprop", "dpok",
-                       "--output", str(output)])
+                       "--output", str(tmp_path / "study")])
+    output = tmp_path / "study" / "sample_efficiency.json"
     written = json.loads(output.read_text("utf-8"))
     assert [run["variant"] for run in written["runs"]] == ["ddpo+diffexp", "alignprop", "dpok"]
     for run in written["runs"]:

@@ -117,7 +117,8 @@ def cmd_shapes_tia(args: argparse.Namespace) -> int:
 def cmd_protection(args: argparse.Namespace) -> int:
     from diffalign.benchmarks import protection
 
-    result = protection.run(protection.settings_from(args), Path(args.output), progress=not args.no_progress)
+    output = Path(args.output) / "protection.json"
+    result = protection.run(protection.settings_from(args), output, progress=not args.no_progress)
     print(protection.format_table(result))
-    print(f"wrote {args.output} and its figures beside it")
+    print(f"wrote {output} and its figures beside it")
     return 0
