@@ -62,6 +62,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from diffalign import defenses, pipeline, plots
+from diffalign.images import psnr as image_psnr
 from diffalign.inpainting import encode_text, inpainting_condition, inpainting_unet, load_inpainting
 from diffalign.shapes import detect, parse, render, scene_for, score
 from diffalign.shapes.grammar import Facts, text
@@ -185,9 +186,9 @@ def jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two ``[..., 3, H, W]`` images in [0, 1] (per image, then the mean)."""
-    error = ((a.float() - b.float()) ** 2).flatten(-3).mean(-1).clamp_min(1e-10)
-    return float((-10 * torch.log10(error)).mean())
+    """PSNR in dB of two batches ``[..., 3, H, W]`` in [0, 1] (per image, then the mean), capped at
+    100 dB so that an unchanged image keeps the mean finite (``diffalign.images.psnr``)."""
+    return image_psnr(a, b, max_db=100.0)
 
 
 class Editors:

@@ -54,9 +54,7 @@ import difflib
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -71,7 +69,7 @@ from scipy.stats import kendalltau, spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm.auto import tqdm
 
-from diffalign import images, rewards
+from diffalign import images, outputs, rewards
 from diffalign.errors import DiffalignError
 
 SHAPES_TIA = shapes_tia.NAME  # the built-in dataset, generated on first use
@@ -347,26 +345,12 @@ def _write_cache(path: Path, reward_name: str, options: dict, fingerprint: str, 
     record = {"reward": reward_name, "options": options, "fingerprint": fingerprint, "scores": scores}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, json.dumps(record, default=str))
+        outputs.write_text(path, json.dumps(record, default=str))
     except OSError as error:
         raise TIA2Error(
             f"cannot write the TIA2 score cache {path} ({error}); choose another folder with "
             "--cache-dir (cache_dir=...) or turn the cache off with --no-cache (cache=False)"
         ) from error
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: readers (and a run
-    that is interrupted) see the old file or the new one, never half of one."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a cache beside shared data should be readable
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def precision_at_k(scores: np.ndarray, aligned: np.ndarray, k: int) -> float:

@@ -19,7 +19,6 @@ import math
 import re
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path

@@ -26,7 +26,6 @@ from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline, UNet2DC
 
 from diffalign.pipeline import PipelineError, builtin_names, resolve, sd_ddim_scheduler, tiny_random_pipeline
 
-TINY_RANDOM_INPAINT = "tiny-random-inpaint"  # registered in diffalign.pipeline
 
 
 def tiny_random_inpaint_pipeline(seed: int = 0) -> StableDiffusionInpaintPipeline:

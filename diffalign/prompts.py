@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 from diffalign import registry
 from diffalign.errors import DiffalignError
-from diffalign.registry import register_prompt_set as register
 
 if TYPE_CHECKING:
     import torch
 
 _PACKAGE_DIR = "prompts"
+register = registry.register_prompt_set  # how a world adds its sets: prompts.register(name, load, models=...)
 
 
 class PromptSetError(DiffalignError, ValueError):

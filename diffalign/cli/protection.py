@@ -129,7 +129,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
             **options,
         )
     path = images.save_image(result.image, args.output)
-    psnr = protection_io.psnr(inputs.image, images.load_image(path))
+    psnr = images.psnr(inputs.image, images.load_image(path))
     height, width = result.image.shape[-2:]
     budget = f"budget {args.budget:.4f} = {args.budget * 255:.3g}/255"
     print(f"wrote {path} ({width}×{height} px, {args.method}, {budget})")
