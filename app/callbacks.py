@@ -153,7 +153,7 @@ class Callbacks:
         strength: float,
         steps: float,
         seed: float | None,
-        progress: gr.Progress = gr.Progress(),
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio hands a handler its tracker
     ) -> tuple[np.ndarray, str, str, Protection]:
         """Protect the marked region: (protected image, PNG path, summary markdown, state for the edits).
 
@@ -198,7 +198,7 @@ class Callbacks:
         prompt: str,
         edit_steps: float,
         seed: float | None,
-        progress: gr.Progress = gr.Progress(),
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio hands a handler its tracker
     ) -> tuple[np.ndarray, np.ndarray]:
         """The attacker's edit (keep the protected region, repaint the rest) of both images.
 

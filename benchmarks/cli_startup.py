@@ -29,7 +29,7 @@ def time_command(prefix: list[str], arguments: list[str], repeats: int) -> dict:
     seconds = []
     for _ in range(repeats):
         started = time.perf_counter()
-        result = subprocess.run([*prefix, *arguments], capture_output=True, text=True)
+        result = subprocess.run([*prefix, *arguments], capture_output=True, text=True, check=False)
         seconds.append(time.perf_counter() - started)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(prefix + arguments)} failed ({result.returncode}):\n{result.stderr}")
@@ -44,7 +44,7 @@ def time_command(prefix: list[str], arguments: list[str], repeats: int) -> dict:
 def run(prefix: list[str], repeats: int, warmup: int = 1) -> dict:
     """Time every command of ``COMMANDS`` after ``warmup`` untimed runs (which fill the OS file cache)."""
     for _ in range(warmup):
-        subprocess.run([*prefix, "--help"], capture_output=True)
+        subprocess.run([*prefix, "--help"], capture_output=True, check=False)
     return {
         "command": prefix,
         "repeats": repeats,

@@ -34,7 +34,6 @@ from diffalign.sampling import (
 )
 
 
-
 def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Mean pixel value: a reward every policy can follow."""
     return images.mean(dim=(1, 2, 3))

@@ -39,10 +39,10 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -383,7 +383,7 @@ class BareEpoch:
             noise = uncond + sample.guidance_scale * (cond - uncond)
             latents = pipe.scheduler.step(noise, timestep, latents, eta=sample.eta, generator=generator).prev_sample
             chain.append(latents)
-        pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        _ = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample  # decoding is part of what is timed
         return torch.stack(chain, dim=1), embeds, pipe.scheduler.timesteps
 
     def __call__(self, index: int) -> None:
@@ -621,12 +621,16 @@ def format_table(result: dict) -> str:
         ("bare", ddpo["bare"])))
     lines += [
         "",
-        f"{settings['model']}, batch {settings['batch_size']}, {settings['steps']} DDIM steps, guidance "
-        f"{settings['guidance_scale']:g}, eta {settings['eta']:g}, LoRA rank {settings['lora_rank']}, "
-        f"{settings['reward']}; median of {settings['repeats']} interleaved repetitions",
-        f"torch {machine['torch']} on {machine['device']}, torch threads: {machine['torch_threads']}, "
-        f"{machine['cpu_count']} CPUs, load average (1/5/15 min) {_loads(machine['load_average_before'])} → "
-        f"{_loads(machine['load_average_after'])}; run took {result['wall_s']:.0f} s",
+        (
+            f"{settings['model']}, batch {settings['batch_size']}, {settings['steps']} DDIM steps, guidance "
+            f"{settings['guidance_scale']:g}, eta {settings['eta']:g}, LoRA rank {settings['lora_rank']}, "
+            f"{settings['reward']}; median of {settings['repeats']} interleaved repetitions"
+        ),
+        (
+            f"torch {machine['torch']} on {machine['device']}, torch threads: {machine['torch_threads']}, "
+            f"{machine['cpu_count']} CPUs, load average (1/5/15 min) {_loads(machine['load_average_before'])} → "
+            f"{_loads(machine['load_average_after'])}; run took {result['wall_s']:.0f} s"
+        ),
         f"spread (max-min)/median: {spreads}",
     ]
     if result["noisy"]:

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from diffalign.benchmarks import seeded_runs
-from diffalign.benchmarks.seeded_runs import queries_to_reach  # noqa: F401 - part of this study's API
 
 VARIANTS: dict[str, list[str]] = {
     "ddpo": ["method=ddpo"],
@@ -87,8 +86,11 @@ def format_table(summary: dict) -> str:
     names = {"proxy": CURVES["proxy (train prompts)"], "train oracle": TRAIN_ORACLE,
              "held-out oracle": CURVES["oracle alignment, held-out prompts"]}
     lines = [
-        f"queries to target: reward queries until a seed's train-oracle alignment is up {summary['target_gain']:+.3f}"
-        " ('-' = not within the budget); changes are final minus base, mean ± std over seeds",
+        (
+            f"queries to target: reward queries until a seed's train-oracle alignment is up "
+            f"{summary['target_gain']:+.3f} ('-' = not within the budget); changes are final minus base, "
+            "mean ± std over seeds"
+        ),
         f"{'variant':<19} {'queries to target':<20}" + "".join(f"{'Δ ' + n:>20}" for n in names) + f" {'s/run':>7}",
     ]
     for variant, entry in summary["variants"].items():

@@ -29,7 +29,6 @@ from diffalign.shapes.grammar import KINDS
 from diffalign.shapes.splits import prompts as split_prompts
 
 
-
 def draw_prompts(split: str, kind: str, count: int, seed: int) -> list[str]:
     """``count`` prompts of a split and kind, drawn with replacement reproducibly."""
     pool = split_prompts(split, kind)

@@ -311,7 +311,7 @@ def _score_batch(reward: Reward, reward_name: str, batch: Sequence[tuple[str, En
         stacked = torch.stack([pixels[i] for i in indices])  # [b, 3, H, W]
         try:
             result = rewards.checked_call(reward, stacked, [batch[i][1].caption for i in indices])
-        except Exception as error:  # noqa: BLE001 - any failure is reported with the batch that caused it
+        except Exception as error:  # any failure is reported with the batch that caused it
             keys = [f"{batch[i][0]}/{batch[i][1].key}" for i in indices]
             shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
             raise TIA2Error(
@@ -526,7 +526,6 @@ def save_chart(result: dict, path: Path) -> Path:
     """Bars of mean AUROC and AUPRC per subset, one colour per reward (chance AUROC dashed)."""
     import matplotlib.pyplot as plt
 
-    from diffalign import plots  # noqa: F401 - selects matplotlib's file-only backend (Agg)
 
     subsets, reward_names = result["subsets"], list(result["results"])
     width = 0.8 / len(reward_names)

@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -96,10 +96,10 @@ _YAML_1_1_BOOLEANS = {"yes": True, "y": True, "on": True, "no": False, "n": Fals
 
 def yaml_load(text: str):
     """Parse a config document or value with ``_Loader`` (YAML 1.2 scalars)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
 
 
-def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call sites
+def doc(default: Any, help: str) -> Any:  # "help" reads best at the call sites
     """A dataclass field with its documentation attached (shown by ``diffalign train --help``)."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
@@ -295,6 +295,9 @@ class CommonConfig:
                 f"Choose one of: {', '.join(EXPLORATIONS)}."
             )
 
+
+if TYPE_CHECKING:  # for readers and type checkers; at run time it is built by train_config_class()
+    TrainConfig = CommonConfig
 
 EXPLORATIONS = ("none", "diffexp")
 LORA_INITS = ("default", "gaussian")

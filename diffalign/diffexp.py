@@ -34,10 +34,11 @@ from diffalign.config import DiffExpSection
 from diffalign.errors import DiffalignError
 
 # Words that carry no content of their own and are never weighted.
-FUNCTION_WORDS = frozenset(
+_FUNCTION_WORDS = (
     "a an the of and or with without on in at to from by for into onto over under above below "
-    "left right next near beside behind front is are be its their his her this that these those".split()
+    "left right next near beside behind front is are be its their his her this that these those"
 )
+FUNCTION_WORDS = frozenset(_FUNCTION_WORDS.split())
 _COMPEL_SYNTAX = re.compile(r"[()\[\]+]|\.blend\(|\.and\(|\bAND\b")
 
 

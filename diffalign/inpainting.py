@@ -27,7 +27,6 @@ from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline, UNet2DC
 from diffalign.pipeline import PipelineError, builtin_names, resolve, sd_ddim_scheduler, tiny_random_pipeline
 
 
-
 def tiny_random_inpaint_pipeline(seed: int = 0) -> StableDiffusionInpaintPipeline:
     """A few-MB ``StableDiffusionInpaintPipeline`` with random weights: 32×32 images, 4×16×16 latents.
 
@@ -129,7 +128,7 @@ def inpainting_condition(
 def inpainting_unet(
     pipe: StableDiffusionInpaintPipeline,
     latents: torch.Tensor,
-    timestep: torch.Tensor | int | float,
+    timestep: torch.Tensor | float,
     condition: InpaintingCondition,
     prompt_embeds: torch.Tensor,
 ) -> torch.Tensor:

@@ -217,6 +217,6 @@ class CommandGroup:
 COMMANDS: Registry[CommandGroup] = Registry("command")
 
 
-def register_command(name: str, module: str, *, help: str) -> CommandGroup:  # noqa: A002 - argparse's word
+def register_command(name: str, module: str, *, help: str) -> CommandGroup:  # argparse's word
     """Add ``diffalign <name>`` to the command, configured by ``module.configure(parser)``."""
     return COMMANDS.add(name, CommandGroup(name, module, help))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 
-from diffalign.registry import lazy
 from diffalign.rewards.base import (
     CandidateReward,
     Reward,
@@ -26,6 +25,8 @@ from diffalign.rewards.base import (
     register,
     register_wrapper,
 )
+
+from diffalign.registry import lazy
 
 register(
     "aesthetic",

@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from diffalign.rewards.checkpoints import TINY_RANDOM, existing_file, seeded
 from diffalign.rewards.open_clip_encoder import load_open_clip, pretrained_weights, tiny_open_clip
+from torch import nn
 
 CLIP_ARCH, CLIP_PRETRAINED = "ViT-L-14", "openai"
 MLP_FILENAME = "sac+logos+ava1-l14-linearMSE.pth"

@@ -10,7 +10,12 @@ the clamp at 0 would zero the gradient that AlignProp needs.
 from __future__ import annotations
 
 from diffalign.rewards.checkpoints import TINY_RANDOM
-from diffalign.rewards.open_clip_encoder import OpenClipCosine, load_open_clip, pretrained_weights, tiny_open_clip
+from diffalign.rewards.open_clip_encoder import (
+    OpenClipCosine,
+    load_open_clip,
+    pretrained_weights,
+    tiny_open_clip,
+)
 
 
 class ClipScore(OpenClipCosine):

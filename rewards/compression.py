@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-
 JPEG_QUALITY = 95  # DDPO's setting
 
 

@@ -29,9 +29,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from diffalign.rewards.base import RewardError
+
 from diffalign import outputs, registry
 from diffalign.registry import register_contrast as register
-from diffalign.rewards.base import RewardError
 
 ContrastGenerator = Callable[[str], list[str]]
 

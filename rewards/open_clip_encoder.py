@@ -16,15 +16,14 @@ from pathlib import Path
 
 import open_clip
 import torch
+from diffalign.rewards.base import RewardError, TextEmbeddingCache, candidate_rows
+from diffalign.rewards.checkpoints import MissingCheckpointError, cached_hub_file, existing_file, seeded
+from diffalign.rewards.clip_preprocess import ClipImageTransform
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, set_model_preprocess_cfg
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import nn
-
-from diffalign.rewards.base import RewardError, TextEmbeddingCache, candidate_rows
-from diffalign.rewards.checkpoints import MissingCheckpointError, cached_hub_file, existing_file, seeded
-from diffalign.rewards.clip_preprocess import ClipImageTransform
 
 # Small enough to build in well under a second on a CPU, yet every part of the real
 # architecture (patch embedding, attention, projections, the 49408-token CLIP vocabulary) is present.

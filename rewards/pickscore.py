@@ -16,6 +16,9 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from diffalign.rewards.base import RewardError, TextEmbeddingCache, candidate_rows
+from diffalign.rewards.checkpoints import TINY_RANDOM, MissingCheckpointError, seeded
+from diffalign.rewards.clip_preprocess import ClipImageTransform
 from torch import nn
 from transformers import (
     CLIPConfig,
@@ -28,9 +31,6 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
-from diffalign.rewards.base import RewardError, TextEmbeddingCache, candidate_rows
-from diffalign.rewards.checkpoints import TINY_RANDOM, MissingCheckpointError, seeded
-from diffalign.rewards.clip_preprocess import ClipImageTransform
 from diffalign.tokenizer import clip_tokenizer
 
 MODEL_ID = "yuvalkirstain/PickScore_v1"

@@ -33,11 +33,10 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from torch import nn
-
 from diffalign.rewards import contrast as contrast_module
 from diffalign.rewards.base import Reward, RewardError, build
 from diffalign.rewards.contrast import ContrastGenerator
+from torch import nn
 
 # c per built-in reward: the logit scale each was trained with (see the module docstring).
 # shapes-clip learned exp(3.0) = 20.1. On 384 ShapesWorld renders of train prompts (~17 contrasts

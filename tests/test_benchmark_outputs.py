@@ -3,9 +3,8 @@
 import re
 from pathlib import Path
 
-import pytest
-
 import diffalign.benchmarks
+import pytest
 
 FOLDER = Path(diffalign.benchmarks.__path__[0])
 STUDIES = sorted(p for p in FOLDER.glob("*.py") if "def main(" in p.read_text("utf-8"))
@@ -19,7 +18,7 @@ def test_there_are_studies():
 def test_output_defaults_to_results_under_the_current_folder(path):
     text = path.read_text("utf-8")
     assert not re.search(r"__file__\)?[^\n]*results", text), "writes into the installed package"
-    defaults = re.findall(r'"--output",[^)]*?default="([^"]+)"', text, re.S)
+    defaults = re.findall(r'"--output",[^)]*?default="([^"]+)"', text, re.DOTALL)
     assert defaults == [f"results/{path.stem}"]
 
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from diffalign.benchmarks import overoptimization, seeded_runs, shapes_tia
 
 

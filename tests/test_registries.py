@@ -10,12 +10,11 @@ import sys
 import textwrap
 
 import pytest
+import toyworld
 
 from diffalign import pipeline, prompts, registry
 from diffalign.config import ConfigError, load_config
 from diffalign.train import train
-
-import toyworld
 
 TOY = [
     "method=alignprop",
@@ -82,6 +81,6 @@ def test_an_installed_packages_provider_is_found_through_its_entry_point(tmp_pat
     (info / "entry_points.txt").write_text("[diffalign.providers]\npond = pondworld\n")
     script = "from diffalign import prompts; print(prompts.load_prompts('pond-frogs'))"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['a green frog', 'two green frogs']"

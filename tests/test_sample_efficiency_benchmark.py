@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from diffalign.benchmarks import sample_efficiency as study_module
 
 

@@ -10,8 +10,8 @@ from diffalign import sampling
 
 
 def _scheduler(**config) -> DDIMScheduler:
-    base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                set_alpha_to_one=False, steps_offset=1)
+    base = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+            "set_alpha_to_one": False, "steps_offset": 1}
     base.update(config)
     scheduler = DDIMScheduler(**base)
     scheduler.set_timesteps(10)

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 from transformers import CLIPModel
 
 from diffalign import pipeline, rewards

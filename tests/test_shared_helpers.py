@@ -39,11 +39,10 @@ def test_atomic_writes_leave_normal_permissions_and_no_temporaries(tmp_path):
 
 def test_a_staging_folder_that_must_not_replace_keeps_what_another_process_wrote(tmp_path):
     final = tmp_path / "data"
-    with pytest.raises(FileExistsError):
-        with outputs.staging_folder(final, replace=False) as staging:
-            (staging / "mine.txt").write_text("mine")
-            final.mkdir()
-            (final / "theirs.txt").write_text("theirs")  # finished first
+    with pytest.raises(FileExistsError), outputs.staging_folder(final, replace=False) as staging:
+        (staging / "mine.txt").write_text("mine")
+        final.mkdir()
+        (final / "theirs.txt").write_text("theirs")  # finished first
     assert sorted(p.name for p in final.iterdir()) == ["theirs.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the staging folder is gone
 

@@ -9,11 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-from diffalign import rewards
-from diffalign.config import ConfigError, load_config
 from diffalign.rewards import TINY_RANDOM, ContrastError, RewardError, TextNorm, TextNormError
 from diffalign.rewards.base import TextEmbeddingCache
 from diffalign.rewards.contrast import (
@@ -24,6 +19,11 @@ from diffalign.rewards.contrast import (
     from_spec,
     parse_lines,
 )
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from diffalign import rewards
+from diffalign.config import ConfigError, load_config
 from diffalign.shapes import grammar, splits
 from diffalign.shapes.contrast import ShapesContrast
 from diffalign.shapes.world import render

@@ -144,7 +144,7 @@ def test_two_processes_gather_rewards_and_write_one_run(tmp_path, extra):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign.cli",
                "train", "--no-progress", *[arg for item in (*TINY, *extra) for arg in ("--set", item)],
                "--set", "epochs=1", "--output-dir", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("done: epoch 1") == 1
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

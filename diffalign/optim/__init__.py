@@ -72,11 +72,11 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base" and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-from diffalign.optim.alignprop import AlignProp  # noqa: E402 - imported above; named for users
-from diffalign.optim.ddpo import DDPO, PerPromptStatTracker  # noqa: E402
-from diffalign.optim.dpok import DPOK  # noqa: E402
-from diffalign.optim.grpo import GRPO  # noqa: E402
-from diffalign.optim.refl import ReFL  # noqa: E402
+from diffalign.optim.alignprop import AlignProp  # imported above; named for users
+from diffalign.optim.ddpo import DDPO, PerPromptStatTracker
+from diffalign.optim.dpok import DPOK
+from diffalign.optim.grpo import GRPO
+from diffalign.optim.refl import ReFL
 
 
 def available() -> list[MethodInfo]:

@@ -19,9 +19,10 @@ of the UNet is held in memory.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.models.embeddings import get_timestep_embedding

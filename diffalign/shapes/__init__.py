@@ -117,4 +117,11 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_MODULE_OF])
 
 
-__all__ = sorted(["MODELS", "PROMPT_SETS", *_MODULE_OF])
+__all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
+    "MODELS",
+    "PROMPT_SETS",
+    "Detection", "correct", "detect", "score", "score_batch",
+    "Entity", "Facts", "PromptOutsideGrammar", "Relation", "caption", "parse", "scene_for", "text",
+    "HELDOUT_PAIRS", "prompt_set", "prompts", "training_pairs",
+    "COLOURS", "SHAPES", "Obj", "Scene", "random_scene", "render",
+]

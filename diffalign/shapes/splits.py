@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cache
 from itertools import permutations
 
 import numpy as np
@@ -73,7 +73,7 @@ def training_pairs(
         yield render(scene, size), caption(scene, rng)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _facts(split: str, kind: str) -> tuple[Facts, ...]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
