@@ -32,7 +32,9 @@ def time_command(prefix: list[str], arguments: list[str], repeats: int) -> dict:
         result = subprocess.run([*prefix, *arguments], capture_output=True, text=True, check=False)
         seconds.append(time.perf_counter() - started)
         if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(prefix + arguments)} failed ({result.returncode}):\n{result.stderr}")
+            raise RuntimeError(
+                f"{' '.join(prefix + arguments)} failed ({result.returncode}):\n{result.stderr}"
+            )
     return {
         "median": statistics.median(seconds),
         "min": min(seconds),
@@ -74,8 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     (output / "cli_startup.json").write_text(json.dumps(result, indent=1) + "\n", "utf-8")
     for name, figures in result["seconds"].items():
-        print(f"diffalign {name:<8} median {figures['median']:.2f} s (min {figures['min']:.2f}, "
-              f"max {figures['max']:.2f}, {args.repeats} runs)")
+        print(
+            f"diffalign {name:<8} median {figures['median']:.2f} s (min {figures['min']:.2f}, "
+            f"max {figures['max']:.2f}, {args.repeats} runs)"
+        )
     print(f"wrote {output / 'cli_startup.json'}")
     return 0
 

@@ -113,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         for module, names in graph.items():
             print(f"{module:<34} -> {', '.join(names) or '-'}")
-    print(f"{len(graph)} generic modules; import statements naming {WORLD}: {static or 'none'}; "
-          f"{WORLD} modules loaded by importing them all: {loaded or 'none'}")
+    print(
+        f"{len(graph)} generic modules; import statements naming {WORLD}: {static or 'none'}; "
+        f"{WORLD} modules loaded by importing them all: {loaded or 'none'}"
+    )
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     record = {"generic_modules": graph, "static_world_imports": static, "loaded_world_modules": loaded}

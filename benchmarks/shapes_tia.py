@@ -90,7 +90,9 @@ class ShapesTiaConfig:
         if not 0.0 <= self.noise <= 1.0:
             raise ShapesTiaError(f"shapes-TIA noise is a probability in [0, 1], got {self.noise}")
         if not self.guidance_scales:
-            raise ShapesTiaError("shapes-TIA guidance_scales needs at least one scale, e.g. (1.0, 2.0, 3.0, 5.0)")
+            raise ShapesTiaError(
+                "shapes-TIA guidance_scales needs at least one scale, e.g. (1.0, 2.0, 3.0, 5.0)"
+            )
 
 
 def clean_label(detector_score: float) -> int:

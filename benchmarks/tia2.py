@@ -526,7 +526,6 @@ def save_chart(result: dict, path: Path) -> Path:
     """Bars of mean AUROC and AUPRC per subset, one colour per reward (chance AUROC dashed)."""
     import matplotlib.pyplot as plt
 
-
     subsets, reward_names = result["subsets"], list(result["results"])
     width = 0.8 / len(reward_names)
     positions = np.arange(len(subsets))

@@ -64,10 +64,14 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
 _Loader.add_implicit_resolver(
     _FLOAT,
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 
@@ -121,7 +125,8 @@ class LoraSection:
         "ddpo-pytorch and trl; the up-projection starts at 0 either way, so the model starts unchanged",
     )
     target_modules: list = doc(
-        ["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA matrices (peft names; attention by default)"
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        "UNet modules that get LoRA matrices (peft names; attention by default)",
     )
 
     def validate(self, config: CommonConfig) -> None:
@@ -142,20 +147,26 @@ class SampleSection:
     guidance_scale: float = doc(5.0, "classifier-free guidance scale")
     negative_prompt: str = doc("", "unconditional prompt for classifier-free guidance")
     batch_size: int = doc(16, "images per sampling batch on each process")
-    num_batches_per_epoch: int = doc(2, "sampling batches per epoch; samples/epoch = this x batch_size x processes")
+    num_batches_per_epoch: int = doc(
+        2, "sampling batches per epoch; samples/epoch = this x batch_size x processes"
+    )
     images_per_prompt: int = doc(
         4, "images sampled per drawn prompt in a batch, so advantages compare images of the same prompt"
     )
     stochastic_steps: list = doc(
-        [], "[first, last]: only these denoising steps (0-based, inclusive) are sampled with eta and trained "
-        "by ddpo/grpo, the rest run deterministically (MixGRPO's window); [] = every step"
+        [],
+        "[first, last]: only these denoising steps (0-based, inclusive) are sampled with eta and trained "
+        "by ddpo/grpo, the rest run deterministically (MixGRPO's window); [] = every step",
     )
     shared_initial_noise: bool = doc(
-        False, "the images of one prompt start from the same x_T (group-shared noise; see benchmarks/gradient_snr.py)"
+        False,
+        "the images of one prompt start from the same x_T (group-shared noise; see benchmarks/gradient_snr.py)",
     )
 
     def validate(self, config: CommonConfig) -> None:
-        at_least_one("sample", self, ("num_steps", "batch_size", "num_batches_per_epoch", "images_per_prompt"))
+        at_least_one(
+            "sample", self, ("num_steps", "batch_size", "num_batches_per_epoch", "images_per_prompt")
+        )
         window, steps = self.stochastic_steps, self.num_steps
         if window and (
             len(window) != 2
@@ -181,14 +192,20 @@ class OptimSection:
     gradient_accumulation_steps: int = doc(
         1, "micro-batches per optimizer step (DDPO also accumulates over the trained timesteps)"
     )
-    learning_rate: float = doc(1e-3, "AdamW learning rate (ShapesWorld's small UNet; 5e-3 degrades it; DDPO used 3e-4 for SD 1.5 LoRA)")
+    learning_rate: float = doc(
+        1e-3,
+        "AdamW learning rate (ShapesWorld's small UNet; 5e-3 degrades it; DDPO used 3e-4 for SD 1.5 LoRA)",
+    )
     adam_beta1: float = doc(0.9, "AdamW beta1")
     adam_beta2: float = doc(0.999, "AdamW beta2")
     adam_weight_decay: float = doc(1e-4, "AdamW weight decay")
     adam_epsilon: float = doc(1e-8, "AdamW epsilon")
     max_grad_norm: float = doc(1.0, "gradient clipping norm")
     inner_epochs: int = doc(1, "passes over each epoch's samples")
-    timestep_fraction: float = doc(0.5, "fraction of each trajectory's trainable steps (all, or sample.stochastic_steps) trained on, a random subset")
+    timestep_fraction: float = doc(
+        0.5,
+        "fraction of each trajectory's trainable steps (all, or sample.stochastic_steps) trained on, a random subset",
+    )
 
     def validate(self, config: CommonConfig) -> None:
         at_least_one("train", self, ("batch_size", "gradient_accumulation_steps", "inner_epochs"))
@@ -225,9 +242,13 @@ class DiffExpSection:
             if low > high:
                 raise ConfigError(f"diffexp.{key} is empty: low {low} > high {high}")
         if self.phrase_weight[1] <= 0:
-            raise ConfigError(f"diffexp.phrase_weight must include a positive weight, got {self.phrase_weight!r}")
+            raise ConfigError(
+                f"diffexp.phrase_weight must include a positive weight, got {self.phrase_weight!r}"
+            )
         if not 0 <= self.low_guidance_fraction <= 1:
-            raise ConfigError(f"diffexp.low_guidance_fraction must be in [0, 1], got {self.low_guidance_fraction}")
+            raise ConfigError(
+                f"diffexp.low_guidance_fraction must be in [0, 1], got {self.low_guidance_fraction}"
+            )
         if self.weighted_phrases < 1:
             raise ConfigError(f"diffexp.weighted_phrases must be at least 1, got {self.weighted_phrases}")
 
@@ -241,15 +262,22 @@ class EvalSection:
     prompt_sets: list = doc(
         ["shapes-train", "shapes-heldout"], "prompt sets to evaluate; [] evaluates the training prompts"
     )
-    rewards: list = doc(["shapes-oracle"], "rewards scored besides the training reward (e.g. the exact oracle)")
+    rewards: list = doc(
+        ["shapes-oracle"], "rewards scored besides the training reward (e.g. the exact oracle)"
+    )
     grid_size: int = doc(8, "images of the first prompt set shown in each samples/epoch-NNNN.png")
-    num_steps: int = doc(0, "DDIM steps of the evaluation samples; 0 = sample.num_steps (train with fewer steps "
-                         "than you evaluate with by setting both)")
+    num_steps: int = doc(
+        0,
+        "DDIM steps of the evaluation samples; 0 = sample.num_steps (train with fewer steps "
+        "than you evaluate with by setting both)",
+    )
 
     def validate(self, config: CommonConfig) -> None:
         at_least_one("eval", self, ("every", "size", "grid_size"))
         if self.num_steps < 0:
-            raise ConfigError(f"eval.num_steps must be 0 (= sample.num_steps) or positive, got {self.num_steps}")
+            raise ConfigError(
+                f"eval.num_steps must be 0 (= sample.num_steps) or positive, got {self.num_steps}"
+            )
 
 
 @dataclass
@@ -258,9 +286,12 @@ class CommonConfig:
 
     method: str = doc("ddpo", "optimisation method (a registered name, listed above; each has a preset)")
     exploration: str = doc("none", "online sampling exploration: none | diffexp")
-    model: str = doc("shapes", "pipeline: built-in name (shapes, tiny-random), local diffusers folder, or cached hub id")
+    model: str = doc(
+        "shapes", "pipeline: built-in name (shapes, tiny-random), local diffusers folder, or cached hub id"
+    )
     reward: str = doc(
-        "shapes-clip", "reward name (see `diffalign rewards`), or textnorm(NAME[,NAME...]) for TextNorm calibration"
+        "shapes-clip",
+        "reward name (see `diffalign rewards`), or textnorm(NAME[,NAME...]) for TextNorm calibration",
     )
     reward_options: dict = doc({}, "keyword options for the reward, e.g. {checkpoint: /path}")
     prompts: str = doc("shapes-train", "built-in prompt set name or a text file with one prompt per line")
@@ -520,7 +551,9 @@ def validate(config: TrainConfig) -> None:
         rewards.info(config.reward)
     except rewards.RewardError as error:
         raise ConfigError(f"reward: {error}") from error
-    for where, name in [("prompts", config.prompts)] + [("eval.prompt_sets", n) for n in config.eval.prompt_sets]:
+    for where, name in [("prompts", config.prompts)] + [
+        ("eval.prompt_sets", n) for n in config.eval.prompt_sets
+    ]:
         try:
             prompts.load_prompts(name)
         except prompts.PromptSetError as error:
@@ -575,8 +608,9 @@ def _check_needs(config: TrainConfig, method: Any) -> None:
         )
     if method.needs_differentiable_reward and not rewards.info(config.reward).differentiable:
         usable = [entry.name for entry in rewards.available() if entry.differentiable]
-        any_reward = " or ".join(f"method={info.name}" for info in optim.available()
-                                 if not info.needs_differentiable_reward)
+        any_reward = " or ".join(
+            f"method={info.name}" for info in optim.available() if not info.needs_differentiable_reward
+        )
         raise ConfigError(
             f"{method.name} backpropagates through the reward, but {config.reward!r} is not differentiable. "
             f"Differentiable rewards: {', '.join(usable)}. Use {any_reward} for any reward."

@@ -84,13 +84,17 @@ def guidance_schedule(
 class DiffExp:
     """Draws DiffExp's guidance schedules and phrase weights for a pipeline's prompts."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, section: DiffExpSection, guidance_scale: float, num_steps: int):
+    def __init__(
+        self, pipe: StableDiffusionPipeline, section: DiffExpSection, guidance_scale: float, num_steps: int
+    ):
         section.check()
         self.pipe = pipe
         self.section = section
         self.guidance_scale = guidance_scale
         self.num_steps = num_steps
-        self.compel = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, truncate_long_prompts=True)
+        self.compel = Compel(
+            tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, truncate_long_prompts=True
+        )
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Refuse prompts whose weighting compel would misread, naming the first bad one."""

@@ -61,7 +61,9 @@ def normalise(image: Image.Image, *, name: str = "image") -> Image.Image:
     try:
         return image.convert("RGBA" if transparent else "RGB")
     except (ValueError, OSError) as error:
-        raise ImageError(f"{name} has Pillow mode {mode!r}, which diffalign cannot convert to RGB ({error})") from error
+        raise ImageError(
+            f"{name} has Pillow mode {mode!r}, which diffalign cannot convert to RGB ({error})"
+        ) from error
 
 
 def open_image(path: str | Path, *, role: str = "image") -> Image.Image:
@@ -137,4 +139,3 @@ def psnr(reference: torch.Tensor, other: torch.Tensor, *, max_db: float | None =
     if max_db is not None:
         decibels = decibels.clamp(max=max_db)
     return float(decibels.mean())
-

@@ -73,7 +73,9 @@ def load_inpainting(
                 **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
             )
     else:
-        pipe = resolve(spec, StableDiffusionInpaintPipeline, torch_dtype=torch_dtype, seed=seed, kind="inpainting")
+        pipe = resolve(
+            spec, StableDiffusionInpaintPipeline, torch_dtype=torch_dtype, seed=seed, kind="inpainting"
+        )
     check_inpainting_unet(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe

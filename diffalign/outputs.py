@@ -70,7 +70,11 @@ def check_writable_folder(folder: Path) -> None:
 
 
 def check_output_file(
-    path: str | Path, *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False, what: str = "output"
+    path: str | Path,
+    *,
+    inputs: Iterable[str | Path | None] = (),
+    overwrite: bool = False,
+    what: str = "output",
 ) -> Path:
     """``path`` if the command may write it, else an ``OutputError`` saying why (nothing is written)."""
     path = Path(path).expanduser()
@@ -92,7 +96,10 @@ def check_output_file(
 
 
 def check_output_files(
-    paths: Iterable[str | Path], *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
+    paths: Iterable[str | Path],
+    *,
+    inputs: Iterable[str | Path | None] = (),
+    overwrite: bool = False,
     what: str = "output",
 ) -> list[Path]:
     """``check_output_file`` for every file a command will write (e.g. the images of a folder)."""
@@ -125,7 +132,9 @@ def replacing(path: str | Path) -> Iterator[Path]:
     on failure removed. The temporary name keeps the suffix, so writers that pick a format by
     suffix still do."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{path.stem}-", suffix=path.suffix)
+    handle, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{path.stem}-", suffix=path.suffix
+    )
     os.close(handle)
     os.chmod(temporary, FILE_MODE)
     try:

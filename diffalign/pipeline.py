@@ -38,7 +38,9 @@ class PipelineError(DiffalignError, ValueError):
     """A pipeline could not be loaded or is unsuitable for diffalign."""
 
 
-def register(name: str, load: Callable[..., DiffusionPipeline], *, kind: str = "text-to-image", description: str = ""):
+def register(
+    name: str, load: Callable[..., DiffusionPipeline], *, kind: str = "text-to-image", description: str = ""
+):
     """Make ``name`` a built-in model: ``load(torch_dtype=..., seed=...)`` builds the pipeline.
     ``kind`` is ``text-to-image`` or ``inpainting`` (``diffalign.inpainting.load_inpainting``)."""
     return registry.register_pipeline(name, load, kind=kind, description=description)
@@ -212,7 +214,9 @@ def sd_ddim_scheduler() -> DDIMScheduler:
     )
 
 
-def assemble(*, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+def assemble(
+    *, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
     """A ``StableDiffusionPipeline`` from components, with a DDIM scheduler and no safety checker."""
     return StableDiffusionPipeline(
         vae=vae,
@@ -247,7 +251,10 @@ def add_lora(
     pipe.unet.requires_grad_(False)
     init_lora_weights = {"default": True, "gaussian": "gaussian"}[init]
     config = LoraConfig(
-        r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), init_lora_weights=init_lora_weights
+        r=rank,
+        lora_alpha=alpha or rank,
+        target_modules=list(target_modules),
+        init_lora_weights=init_lora_weights,
     )
     pipe.unet.add_adapter(config)
 
@@ -268,7 +275,9 @@ def load_lora_into_adapter(unet: UNet2DConditionModel, folder: str | Path) -> No
     """Overwrite the UNet's existing trainable adapter with the weights saved in ``folder`` (resume)."""
     state, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
     unet_state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    result = set_peft_model_state_dict(
+        unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
+    )
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise PipelineError(f"LoRA in {folder} does not fit this UNet: unexpected keys {unexpected[:5]}")
@@ -304,5 +313,9 @@ def _tiny_random_inpaint(*, torch_dtype: torch.dtype, seed: int) -> StableDiffus
 
 
 register("tiny-random", _tiny_random, description="random weights from small configs (tests, smoke runs)")
-register("tiny-random-inpaint", _tiny_random_inpaint, kind="inpainting",
-         description="random weights, 9-channel inpainting UNet (tests)")
+register(
+    "tiny-random-inpaint",
+    _tiny_random_inpaint,
+    kind="inpainting",
+    description="random weights, 9-channel inpainting UNet (tests)",
+)

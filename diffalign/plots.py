@@ -60,7 +60,12 @@ def save_grid(
 
 
 def save_curves(
-    history: Sequence[dict], keys: Sequence[str], path: str | Path, *, x: str = "samples_seen", title: str = ""
+    history: Sequence[dict],
+    keys: Sequence[str],
+    path: str | Path,
+    *,
+    x: str = "samples_seen",
+    title: str = "",
 ) -> Path:
     """Plot ``keys`` of per-epoch metric records against ``x`` (mean ± std where ``key_std`` exists)."""
     figure, axis = plt.subplots(figsize=(6, 3.6))

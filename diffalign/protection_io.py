@@ -154,4 +154,3 @@ def fit_to_model(
 def opaque(image: Image.Image) -> Image.Image:
     """``image`` in RGB, transparent parts on white as viewers show them (stored colour is arbitrary)."""
     return images.on_white(images.normalise(image))
-

@@ -170,7 +170,9 @@ def register_prompt_set(
     description: str = "",
 ) -> PromptSetEntry:
     """Make ``name`` a prompt set: ``load()`` returns its prompts in a fixed order."""
-    return PROMPT_SETS.add(name, PromptSetEntry(name, load, tuple(models) if models else None, world, description))
+    return PROMPT_SETS.add(
+        name, PromptSetEntry(name, load, tuple(models) if models else None, world, description)
+    )
 
 
 # --- contrast generators (TextNorm) --------------------------------------------------------------
@@ -195,7 +197,11 @@ CONTRASTS: Registry[ContrastEntry] = Registry("contrast generator")
 
 
 def register_contrast(
-    name: str, make: Callable[..., Callable[[str], list[str]]], *, takes_path: bool = False, description: str = ""
+    name: str,
+    make: Callable[..., Callable[[str], list[str]]],
+    *,
+    takes_path: bool = False,
+    description: str = "",
 ) -> ContrastEntry:
     """Make ``name`` (or ``name:PATH``) a contrast generator for TextNorm's ``contrast`` option."""
     return CONTRASTS.add(name, ContrastEntry(name, make, takes_path, description))

@@ -65,9 +65,13 @@ class TrainResult:
             took = f"{self.seconds:.0f} s" if self.seconds < 120 else f"{self.seconds / 60:.1f} min"
             lines.append(f"time: {took}, evaluation included")
         out = self.output_dir
-        lines.append(f"grids: {out / 'samples'} (epoch-NNNN.png, one per evaluation); curves: {out / 'reward_curve.png'}")
+        lines.append(
+            f"grids: {out / 'samples'} (epoch-NNNN.png, one per evaluation); curves: {out / 'reward_curve.png'}"
+        )
         weights = self.lora_dir if self.lora_dir is not None else out / "unet"
-        lines.append(f"metrics: {out / 'metrics.jsonl'}; weights: {weights}; checkpoints: {out / 'checkpoints'}")
+        lines.append(
+            f"metrics: {out / 'metrics.jsonl'}; weights: {weights}; checkpoints: {out / 'checkpoints'}"
+        )
         return "\n".join(lines)
 
 
@@ -161,7 +165,9 @@ class Trainer:
                 "or choose another output_dir; nothing was changed."
             )
         if resume and previous is None:
-            raise checkpoint.CheckpointError(f"--resume given but {checkpoints} has no checkpoint to resume from")
+            raise checkpoint.CheckpointError(
+                f"--resume given but {checkpoints} has no checkpoint to resume from"
+            )
         changes: dict[str, list] = {}
         if resume:
             if not (output / "config.yaml").is_file():
@@ -189,7 +195,9 @@ class Trainer:
         if previous is not None:
             self._restore(previous, changes)
         self.metrics_path = output / "metrics.jsonl"
-        eval_rewards = [self.reward] + [rewards.build(name) for name in config.eval.rewards if name != self.reward.name]
+        eval_rewards = [self.reward] + [
+            rewards.build(name) for name in config.eval.rewards if name != self.reward.name
+        ]
         self.evaluator = Evaluator(
             self.pipe,
             prompt_set_names=config.eval.prompt_sets or [config.prompts],
@@ -206,7 +214,9 @@ class Trainer:
             output.mkdir(parents=True, exist_ok=True)
             outputs.write_text(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
             # Metrics logged after the last checkpoint belong to epochs that will be redone.
-            outputs.write_text(self.metrics_path, "".join(json.dumps(record) + "\n" for record in self.history))
+            outputs.write_text(
+                self.metrics_path, "".join(json.dumps(record) + "\n" for record in self.history)
+            )
         if accelerator.log_with:
             accelerator.init_trackers("diffalign")
 
@@ -254,7 +264,9 @@ class Trainer:
     def run_epoch(self) -> dict:
         """Train one epoch (evaluating and checkpointing when the config says) and return its record."""
         config, accelerator = self.config, self.accelerator
-        generator = torch.Generator().manual_seed(epoch_seed(config.seed, self.epoch, accelerator.process_index))
+        generator = torch.Generator().manual_seed(
+            epoch_seed(config.seed, self.epoch, accelerator.process_index)
+        )
         started = time.perf_counter()
         metrics = self.method.run_epoch(generator)
         seconds = time.perf_counter() - started
@@ -298,7 +310,9 @@ class Trainer:
                 self.pipe.unet.save_pretrained(self.output / "unet")
             eval_keys = sorted({key for record in self.history for key in record if key.startswith("eval/")})
             plots.save_curves(
-                self.history, ["reward_mean", *eval_keys], self.output / "reward_curve.png",
+                self.history,
+                ["reward_mean", *eval_keys],
+                self.output / "reward_curve.png",
                 title=f"{config.method} on {config.model} — {config.reward}",
             )
         accelerator.end_training()
@@ -318,7 +332,9 @@ def train(
     if trainer.epoch == 0:
         trainer.evaluate()
     bar = tqdm(
-        range(trainer.epoch, config.epochs), desc=f"{config.method} epochs", disable=not (progress and trainer.main)
+        range(trainer.epoch, config.epochs),
+        desc=f"{config.method} epochs",
+        disable=not (progress and trainer.main),
     )
     for _ in bar:
         record = trainer.run_epoch()

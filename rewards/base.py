@@ -122,8 +122,9 @@ def available() -> list[RewardInfo]:
     """
     registry.load_providers()
     templates = [
-        RewardInfo(f"{w.name}(REWARD,...)", w.factory, w.description, differentiable=True,
-                   needs_checkpoint=False)
+        RewardInfo(
+            f"{w.name}(REWARD,...)", w.factory, w.description, differentiable=True, needs_checkpoint=False
+        )
         for w in (_WRAPPERS[name] for name in sorted(_WRAPPERS))
     ]
     return [_REGISTRY[name] for name in sorted(_REGISTRY)] + templates

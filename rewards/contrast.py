@@ -93,13 +93,32 @@ def _distinct(prompt: str, candidates: Iterator[str] | Sequence[str]) -> list[st
 _NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 # Synonyms share a group, so "grey" never becomes a contrast of "gray".
 _COLOUR_GROUPS = (
-    ("red",), ("orange",), ("yellow",), ("green",), ("cyan",), ("blue",), ("purple",), ("pink",),
-    ("brown",), ("black",), ("white",), ("gray", "grey"),
+    ("red",),
+    ("orange",),
+    ("yellow",),
+    ("green",),
+    ("cyan",),
+    ("blue",),
+    ("purple",),
+    ("pink",),
+    ("brown",),
+    ("black",),
+    ("white",),
+    ("gray", "grey"),
 )
 _OPPOSITES = {
-    "left": "right", "right": "left", "above": "below", "below": "above", "over": "under",
-    "under": "over", "top": "bottom", "bottom": "top", "in front of": "behind", "behind": "in front of",
-    "inside": "outside", "outside": "inside",
+    "left": "right",
+    "right": "left",
+    "above": "below",
+    "below": "above",
+    "over": "under",
+    "under": "over",
+    "top": "bottom",
+    "bottom": "top",
+    "in front of": "behind",
+    "behind": "in front of",
+    "inside": "outside",
+    "outside": "inside",
 }
 _COLOUR_GROUP = {word: group for group in _COLOUR_GROUPS for word in group}
 _TERMS = sorted([*_NUMBERS, *_COLOUR_GROUP, *_OPPOSITES], key=len, reverse=True)  # longest phrase first
@@ -145,7 +164,7 @@ def _replace(prompt: str, edits: list[tuple[re.Match[str], str]]) -> str:
     for match, word in sorted(edits, key=lambda edit: edit[0].start(), reverse=True):
         if match[0][0].isupper():
             word = word[0].upper() + word[1:]
-        prompt = prompt[: match.start()] + word + prompt[match.end():]
+        prompt = prompt[: match.start()] + word + prompt[match.end() :]
     return prompt
 
 
@@ -300,7 +319,7 @@ class LanguageModelContrast:
             output = self._model.generate(
                 **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad
             )
-        return self._tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+        return self._tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
 
     def _read_cache(self) -> dict[str, dict[str, list[str]]]:
         if not self.cache_file.is_file():

@@ -48,7 +48,11 @@ from torch import nn
 # weights on this machine); PickScore's score already includes its logit scale, so its c is 1.
 # shapes-negclip (shapes-clip fine-tuned with hard negatives) ended its fine-tune at exp = 27.4.
 DEFAULT_SCALES: dict[str, float] = {
-    "shapes-clip": 20.0, "shapes-negclip": 27.4, "clip-score": 100.0, "hpsv2": 100.0, "pickscore": 1.0,
+    "shapes-clip": 20.0,
+    "shapes-negclip": 27.4,
+    "clip-score": 100.0,
+    "hpsv2": 100.0,
+    "pickscore": 1.0,
 }
 
 

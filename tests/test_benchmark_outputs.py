@@ -11,7 +11,13 @@ STUDIES = sorted(p for p in FOLDER.glob("*.py") if "def main(" in p.read_text("u
 
 
 def test_there_are_studies():
-    assert {p.stem for p in STUDIES} >= {"gradient_snr", "perf", "protection", "shapes_quality", "cli_startup"}
+    assert {p.stem for p in STUDIES} >= {
+        "gradient_snr",
+        "perf",
+        "protection",
+        "shapes_quality",
+        "cli_startup",
+    }
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)

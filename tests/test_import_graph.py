@@ -5,7 +5,11 @@ from diffalign.benchmarks import import_graph
 
 def test_no_generic_module_imports_the_world():
     graph = import_graph.static_graph()
-    assert "diffalign.pipeline" in graph and "diffalign.rewards.contrast" in graph and "diffalign.cli.bench" in graph
+    assert (
+        "diffalign.pipeline" in graph
+        and "diffalign.rewards.contrast" in graph
+        and "diffalign.cli.bench" in graph
+    )
     assert not any(name.startswith("diffalign.shapes") for name in graph)  # the world itself is not generic
     assert import_graph.world_imports(graph) == {}
     assert import_graph.loaded_world_modules(list(graph)) == []
@@ -17,5 +21,6 @@ def test_the_check_sees_an_import_of_the_world(tmp_path):
     module.write_text("def load():\n    from diffalign.shapes import assets\n    from . import world\n")
     known = {"diffalign.shapes.assets"}
     assert "diffalign.shapes.assets" in import_graph.imported_names(module, "diffalign.shapes.loader", known)
-    assert "diffalign.shapes.world" in import_graph.imported_names(module, "diffalign.shapes.loader", known | {
-        "diffalign.shapes.world"})
+    assert "diffalign.shapes.world" in import_graph.imported_names(
+        module, "diffalign.shapes.loader", known | {"diffalign.shapes.world"}
+    )

@@ -24,17 +24,33 @@ def test_the_shipped_methods_are_registered_with_their_sections_and_presets():
         assert isinstance(getattr(config, info.name), info.section)  # config.<name> is its section
         assert info.preset is None  # the shipped presets/<name>.yaml
         assert list(inspect.signature(info.cls.run_epoch).parameters) == ["self", "generator"]
-    needs = {info.name: (info.needs_differentiable_reward, info.needs_stochastic_sampler, info.needs_lora)
-             for info in optim.available()}
-    assert needs == {"ddpo": (False, True, False), "grpo": (False, True, False), "dpok": (False, True, True),
-                     "alignprop": (True, False, False), "refl": (True, False, False)}
+    needs = {
+        info.name: (info.needs_differentiable_reward, info.needs_stochastic_sampler, info.needs_lora)
+        for info in optim.available()
+    }
+    assert needs == {
+        "ddpo": (False, True, False),
+        "grpo": (False, True, False),
+        "dpok": (False, True, True),
+        "alignprop": (True, False, False),
+        "refl": (True, False, False),
+    }
 
 
 def test_needs_are_checked_from_what_the_method_declares():
     with pytest.raises(ConfigError, match="Use method=ddpo or method=dpok or method=grpo for any reward"):
         load_config(None, [*TINY, "method=alignprop"])  # jpeg-compressibility is not differentiable
     with pytest.raises(ConfigError, match="sample.eta must be > 0 for grpo"):
-        load_config(None, [*TINY, "method=grpo", "sample.images_per_prompt=2", "sample.stochastic_steps=[]", "sample.eta=0"])
+        load_config(
+            None,
+            [
+                *TINY,
+                "method=grpo",
+                "sample.images_per_prompt=2",
+                "sample.stochastic_steps=[]",
+                "sample.eta=0",
+            ],
+        )
     with pytest.raises(ConfigError, match="window for ddpo and grpo updates; dpok does not use it"):
         load_config(None, [*TINY, "method=dpok", "sample.stochastic_steps=[0, 1]"])
     with pytest.raises(ConfigError, match="unknown method 'grop'. Did you mean 'grpo'"):
@@ -43,9 +59,13 @@ def test_needs_are_checked_from_what_the_method_declares():
 
 def test_config_loads_without_the_methods_or_torch():
     """The import cycle config <-> diffexp is gone, and config stays light: methods load when asked for."""
-    script = ("import sys, diffalign.config; "
-              "print(json.dumps([m for m in ('torch', 'diffalign.diffexp', 'diffalign.optim') if m in sys.modules]))")
-    result = subprocess.run([sys.executable, "-c", "import json; " + script], capture_output=True, text=True, check=False)
+    script = (
+        "import sys, diffalign.config; "
+        "print(json.dumps([m for m in ('torch', 'diffalign.diffexp', 'diffalign.optim') if m in sys.modules]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", "import json; " + script], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
 
@@ -56,8 +76,14 @@ def test_the_method_in_the_optim_docstring_is_one_file_and_trains(tmp_path):
     example = textwrap.dedent(re.search(r"::\n\n(.*?)\n\nand ``diffalign", optim.__doc__, re.DOTALL).group(1))
     (tmp_path / "last_step.py").write_text(example)
     run = tmp_path / "run"
-    overrides = [*TINY, "method=last_step", "reward=clip-score", "reward_options={checkpoint: tiny-random}",
-                 "epochs=1", f"output_dir={run}"]
+    overrides = [
+        *TINY,
+        "method=last_step",
+        "reward=clip-score",
+        "reward_options={checkpoint: tiny-random}",
+        "epochs=1",
+        f"output_dir={run}",
+    ]
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(tmp_path)!r})

@@ -36,8 +36,9 @@ from diffalign.shapes.inpaint_training import (
 from diffalign.shapes.training import render_dataset
 from diffalign.shapes.world import BACKGROUND
 
-TOY = InpaintTrainingConfig(dataset_size=48, steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2,
-                            eval_scenes=2, eval_steps=2)
+TOY = InpaintTrainingConfig(
+    dataset_size=48, steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, eval_scenes=2, eval_steps=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +152,14 @@ def test_recipe_writes_a_standalone_diffusers_inpainting_folder(toy_output):
     assert torch.equal(plain.unet.conv_in.weight, weight)
     editor = load_inpainting(str(folder / "pipeline"))
     edits = edit_set(1, seed=3)
-    out = edit(editor, edits.images[0], edits.keep_masks[0], edits.prompts[0], steps=2,
-               generator=torch.Generator().manual_seed(0))
+    out = edit(
+        editor,
+        edits.images[0],
+        edits.keep_masks[0],
+        edits.prompts[0],
+        steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
 
     assert set(report["evaluation"]) == {"inpainting", "blended-base"}

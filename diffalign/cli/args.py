@@ -56,7 +56,9 @@ def lora_folder(path: str | None) -> str | None:
             "(it holds pytorch_lora_weights.safetensors)"
         )
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise CommandError(f"--lora {path!r} holds no LoRA weights (*.safetensors); give a run's lora/ folder")
+        raise CommandError(
+            f"--lora {path!r} holds no LoRA weights (*.safetensors); give a run's lora/ folder"
+        )
     return str(folder)
 
 

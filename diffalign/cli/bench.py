@@ -42,17 +42,33 @@ def configure_tia2(parser: argparse.ArgumentParser) -> None:
         "tia2.json, tia2.csv and the bar chart tia2.png. Python: diffalign.benchmarks.tia2.run(...), or "
         "tia2.evaluate(reward, data) for one reward."
     )
-    parser.add_argument("--rewards", nargs="+", default=["shapes-clip", "shapes-oracle"], metavar="NAME",
-                        help="registered reward names (see `diffalign rewards`; default: shapes-clip shapes-oracle)")
-    parser.add_argument("--data", default=shapes_tia.NAME,
-                        help="folder of TIA2 <subset>.json files (images in <subset>/, images/ or beside them), "
-                        f"one such file, or {shapes_tia.NAME} (built-in, generated on first use; the default)")
+    parser.add_argument(
+        "--rewards",
+        nargs="+",
+        default=["shapes-clip", "shapes-oracle"],
+        metavar="NAME",
+        help="registered reward names (see `diffalign rewards`; default: shapes-clip shapes-oracle)",
+    )
+    parser.add_argument(
+        "--data",
+        default=shapes_tia.NAME,
+        help="folder of TIA2 <subset>.json files (images in <subset>/, images/ or beside them), "
+        f"one such file, or {shapes_tia.NAME} (built-in, generated on first use; the default)",
+    )
     parser.add_argument("--subsets", nargs="+", metavar="SUBSET", help="subsets to evaluate (default: all)")
-    parser.add_argument("--option", action="append", metavar="REWARD.KEY=VALUE",
-                        help="reward option, e.g. shapes-clip.checkpoint=/path; repeatable")
+    parser.add_argument(
+        "--option",
+        action="append",
+        metavar="REWARD.KEY=VALUE",
+        help="reward option, e.g. shapes-clip.checkpoint=/path; repeatable",
+    )
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per reward call")
-    parser.add_argument("--output", "-o", default="results/tia2",
-                        help="folder for tia2.json/.csv/.png (default: %(default)s, under the current folder)")
+    parser.add_argument(
+        "--output",
+        "-o",
+        default="results/tia2",
+        help="folder for tia2.json/.csv/.png (default: %(default)s, under the current folder)",
+    )
     parser.add_argument("--cache-dir", help="score cache folder (default: <data>/.diffalign-scores/)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached scores")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -14,7 +14,9 @@ def configure_sample(parser: argparse.ArgumentParser) -> None:
         "Generate images with the DDIM sampler training uses. "
         "Python: diffalign.sampling.sample(diffalign.pipeline.load(model), prompts, ...)."
     )
-    parser.add_argument("--model", default="tiny-random", help="built-in name, diffusers folder or cached hub id")
+    parser.add_argument(
+        "--model", default="tiny-random", help="built-in name, diffusers folder or cached hub id"
+    )
     parser.add_argument("--lora", help="folder with a LoRA saved by `diffalign train` (its lora/ folder)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--prompt", help="one prompt, repeated --num times")
@@ -26,14 +28,14 @@ def configure_sample(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", "-o", default="samples", help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace images of an earlier run in --output")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace images of an earlier run in --output"
+    )
     parser.set_defaults(handler=cmd_sample)
 
 
 def configure_score(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Score images with a registered reward. Python: diffalign.rewards.build(name, **options)(images, prompts)."
-    )
+    parser.description = "Score images with a registered reward. Python: diffalign.rewards.build(name, **options)(images, prompts)."
     parser.add_argument("--reward", required=True, help="reward name (see `diffalign rewards`)")
     parser.add_argument(
         "--option", action="append", metavar="KEY=VALUE", help="reward option, e.g. checkpoint=/path"
@@ -48,7 +50,9 @@ def configure_score(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", "-o", help="write a CSV of scores here")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never an input)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --output if it exists (never an input)"
+    )
     parser.set_defaults(handler=cmd_score)
 
 
@@ -65,8 +69,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise outputs.OutputError(f"--output {args.output!r} is a file; give a folder for the images")
-    written = [out / f"{index:04d}.png" for index in range(len(prompts))] + [out / "prompts.txt", out / "grid.png"]
-    outputs.check_output_files(written, inputs=[None if args.prompt else args.prompts], overwrite=args.overwrite)
+    written = [out / f"{index:04d}.png" for index in range(len(prompts))] + [
+        out / "prompts.txt",
+        out / "grid.png",
+    ]
+    outputs.check_output_files(
+        written, inputs=[None if args.prompt else args.prompts], overwrite=args.overwrite
+    )
     pipe = pipeline.load(args.model)
     if lora:
         pipe.load_lora_weights(lora)
@@ -75,7 +84,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]
         trajectory = sample(
-            pipe, batch, num_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta, generator=generator
+            pipe,
+            batch,
+            num_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            eta=args.eta,
+            generator=generator,
         )
         for offset, image in enumerate(trajectory.images):
             images.save_image(image, out / f"{start + offset:04d}.png")
@@ -135,7 +149,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     mean = sum(scores) / len(scores)
     print(f"{args.reward}: mean {mean:.5g} over {len(scores)} images")
     if args.output:
-        with outputs.replacing(Path(args.output)) as temporary, open(temporary, "w", newline="", encoding="utf-8") as stream:
+        with (
+            outputs.replacing(Path(args.output)) as temporary,
+            open(temporary, "w", newline="", encoding="utf-8") as stream,
+        ):
             writer = csv.writer(stream)
             writer.writerow(["image", "prompt", args.reward])
             writer.writerows(zip(names, captions, scores))

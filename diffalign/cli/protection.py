@@ -36,21 +36,37 @@ def configure_protect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", required=True, help=MASKS)
     parser.add_argument("--output", "-o", required=True, help="protected image, a .png file (lossless)")
     parser.add_argument("--model", default="shapes-inpaint", help=MODEL_HELP)
-    parser.add_argument("--method", choices=list(METHODS), default="diffusionguard",
-                        help="diffusionguard (Choi et al. 2025, the default), photoguard (encoder attack, "
-                        "Salman et al. 2023) or advdm (Liang et al. 2023)")
-    parser.add_argument("--budget", type=pixel_units, default=BUDGET,
-                        help="largest change of a pixel, in [0, 1] pixel units, not 0-255: 8/255 ≈ 0.0314 "
-                        "(the default) lets each protected pixel move by 8 grey levels; '8/255' is accepted")
+    parser.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default="diffusionguard",
+        help="diffusionguard (Choi et al. 2025, the default), photoguard (encoder attack, "
+        "Salman et al. 2023) or advdm (Liang et al. 2023)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=pixel_units,
+        default=BUDGET,
+        help="largest change of a pixel, in [0, 1] pixel units, not 0-255: 8/255 ≈ 0.0314 "
+        "(the default) lets each protected pixel move by 8 grey levels; '8/255' is accepted",
+    )
     parser.add_argument("--steps", type=positive_int, default=STEPS, help=f"PGD iterations (default {STEPS})")
-    parser.add_argument("--step-size", type=pixel_units, default=STEP_SIZE,
-                        help="PGD step, in [0, 1] pixel units like --budget and at most it "
-                        "(default 0.5/255 ≈ 0.00196)")
-    parser.add_argument("--no-augment", action="store_true",
-                        help="train against the given mask only (default for diffusionguard: random "
-                        "shrunken masks, so the protection holds for the attacker's own mask)")
+    parser.add_argument(
+        "--step-size",
+        type=pixel_units,
+        default=STEP_SIZE,
+        help="PGD step, in [0, 1] pixel units like --budget and at most it (default 0.5/255 ≈ 0.00196)",
+    )
+    parser.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="train against the given mask only (default for diffusionguard: random "
+        "shrunken masks, so the protection holds for the attacker's own mask)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for noises and mask augmentation")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never an input)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --output if it exists (never an input)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=cmd_protect)
 
@@ -67,10 +83,16 @@ def configure_edit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", required=True, help="edited image (.png recommended)")
     parser.add_argument("--model", default="shapes-inpaint", help=MODEL_HELP)
     parser.add_argument("--steps", type=positive_int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--guidance", type=non_negative_float, default=7.5,
-                        help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument(
+        "--guidance",
+        type=non_negative_float,
+        default=7.5,
+        help="classifier-free guidance scale (default 7.5)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed for the initial noise")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists (never an input)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --output if it exists (never an input)"
+    )
     parser.set_defaults(handler=cmd_edit)
 
 
@@ -81,11 +103,17 @@ def configure_app(parser: argparse.ArgumentParser) -> None:
         "Python: diffalign.app.launch(diffalign.app.create_app(pipe))."
     )
     parser.add_argument("--model", default="shapes-inpaint", help=MODEL_HELP)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the app to the network)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes the app to the network)",
+    )
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    parser.add_argument("--share", action="store_true",
-                        help="also create a temporary public gradio.live link (off by default)")
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        help="also create a temporary public gradio.live link (off by default)",
+    )
     parser.set_defaults(handler=cmd_app)
 
 
@@ -181,5 +209,3 @@ def cmd_app(args: argparse.Namespace) -> int:
 
     launch(create_app(load_inpainting(args.model)), host=args.host, port=args.port, share=args.share)
     return 0
-
-

@@ -7,7 +7,9 @@ import json
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="as JSON (name, differentiable, description, ...)")
+    parser.add_argument(
+        "--json", action="store_true", help="as JSON (name, differentiable, description, ...)"
+    )
     parser.set_defaults(handler=cmd_rewards)
 
 
@@ -25,8 +27,12 @@ def cmd_rewards(args: argparse.Namespace) -> int:
 
     if args.json:
         entries = [
-            {"name": r.name, "differentiable": r.differentiable, "description": r.description,
-             "needs_checkpoint": r.needs_checkpoint}
+            {
+                "name": r.name,
+                "differentiable": r.differentiable,
+                "description": r.description,
+                "needs_checkpoint": r.needs_checkpoint,
+            }
             for r in rewards.available()
         ]
         print(json.dumps(entries, indent=2))

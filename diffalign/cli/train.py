@@ -17,7 +17,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = epilog
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("config", nargs="?", help="YAML config file (keys below)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key; repeatable")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key; repeatable"
+    )
     parser.add_argument("--output-dir", help="shorthand for --set output_dir=...")
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in output_dir from its last checkpoint"
@@ -65,7 +67,9 @@ def run_config(args: argparse.Namespace):
         output_dir = str(given.get("output_dir", config.CommonConfig.output_dir))
         path = Path(output_dir) / "config.yaml"
         if not path.is_file():
-            raise CommandError(f"--resume: there is no run to resume in {output_dir!r} (no config.yaml there)")
+            raise CommandError(
+                f"--resume: there is no run to resume in {output_dir!r} (no config.yaml there)"
+            )
     return config.load_config(path, overrides)
 
 
@@ -80,8 +84,10 @@ def kept(output_dir: str, error: BaseException) -> str:
     except checkpoint.CheckpointError:
         latest = None
     if latest is not None:
-        return (f"\nkept: the last complete checkpoint, {latest.name}, in {folder}; continue with "
-                f"`diffalign train --output-dir {output_dir} --resume`")
+        return (
+            f"\nkept: the last complete checkpoint, {latest.name}, in {folder}; continue with "
+            f"`diffalign train --output-dir {output_dir} --resume`"
+        )
     if isinstance(error, (OSError, TrainingDiverged)):
         return f"\nkept: no checkpoint had been written yet in {output_dir}"
     return ""

@@ -44,11 +44,15 @@ if TYPE_CHECKING:
 class AlignPropSection:
     """AlignProp (Prabhudesai et al. 2023): backpropagate a differentiable reward through sampling."""
 
-    truncation_steps: int = doc(2, "K: gradients flow through the last K denoising steps (earlier ones run without)")
+    truncation_steps: int = doc(
+        2, "K: gradients flow through the last K denoising steps (earlier ones run without)"
+    )
     random_truncation: bool = doc(
         True, "draw K uniformly from 1..truncation_steps for every update (randomised truncated backprop)"
     )
-    checkpoint_unet: bool = doc(True, "gradient-checkpoint every UNet call with gradients (memory ~ one call)")
+    checkpoint_unet: bool = doc(
+        True, "gradient-checkpoint every UNet call with gradients (memory ~ one call)"
+    )
     reward_scale: float = doc(1.0, "the loss is -reward_scale x mean reward")
 
 
@@ -92,7 +96,9 @@ def differentiable_sample(
                 noise_pred = checkpoint(predict, latents, use_reentrant=False)
             else:
                 noise_pred = predict(latents)
-            latents, _ = ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=eta, generator=generator)
+            latents, _ = ddim_step_with_logprob(
+                scheduler, noise_pred, timestep, latents, eta=eta, generator=generator
+            )
     return decode_latents(pipe, latents)
 
 
@@ -137,14 +143,24 @@ class AlignProp:
         return GradientWindow(self.truncation(generator), self.config.alignprop.checkpoint_unet)
 
     def sample_images(
-        self, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor, window: GradientWindow,
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        scales: torch.Tensor,
+        window: GradientWindow,
         generator: torch.Generator,
     ) -> torch.Tensor:
         """The images the reward scores, ``[B, 3, H, W]`` in [0, 1], with a graph to the LoRA weights."""
         sample_config = self.config.sample
         return differentiable_sample(
-            self.context, cond, uncond, scales,
-            num_steps=sample_config.num_steps, eta=sample_config.eta, window=window, generator=generator,
+            self.context,
+            cond,
+            uncond,
+            scales,
+            num_steps=sample_config.num_steps,
+            eta=sample_config.eta,
+            window=window,
+            generator=generator,
         )
 
     def truncation(self, generator: torch.Generator) -> int:

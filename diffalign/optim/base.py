@@ -110,11 +110,15 @@ def register(cls: type) -> type:
     """Class decorator: make ``cls`` (a ``Method``) the method ``method: <cls.name>``."""
     missing = [attribute for attribute in _REQUIRED if not hasattr(cls, attribute)]
     if missing:
-        raise MethodError(f"method class {cls.__name__} lacks {', '.join(missing)} (see diffalign.optim.base.Method)")
+        raise MethodError(
+            f"method class {cls.__name__} lacks {', '.join(missing)} (see diffalign.optim.base.Method)"
+        )
     if getattr(cls, "section", None) is not None and not str(cls.name).isidentifier():
         raise MethodError(f"method name {cls.name!r} names its config section, so it must be an identifier")
     if cls.name in _METHODS and _METHODS[cls.name].cls is not cls:
-        raise MethodError(f"method name {cls.name!r} is registered twice ({_METHODS[cls.name].cls.__name__}, {cls.__name__})")
+        raise MethodError(
+            f"method name {cls.name!r} is registered twice ({_METHODS[cls.name].cls.__name__}, {cls.__name__})"
+        )
     preset = getattr(cls, "preset", None)
     _METHODS[cls.name] = MethodInfo(
         name=cls.name,
@@ -139,7 +143,9 @@ def lookup(name: str) -> MethodInfo:
     """The method registered as ``name``, or a ``MethodError`` that suggests the closest name."""
     if name not in _METHODS:
         names = list(_METHODS)
-        raise MethodError(f"unknown method {name!r}.{suggestion(str(name), names)} Methods: {', '.join(names)}.")
+        raise MethodError(
+            f"unknown method {name!r}.{suggestion(str(name), names)} Methods: {', '.join(names)}."
+        )
     return _METHODS[name]
 
 
@@ -165,7 +171,8 @@ def reward_metrics(accelerator: Accelerator, rewards: torch.Tensor) -> dict[str,
 def mean_over_processes(accelerator: Accelerator, stats: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     """Each statistic's mean over the epoch's updates, averaged over processes."""
     return {
-        name: accelerator.reduce(torch.stack(values).mean(), reduction="mean").item() for name, values in stats.items()
+        name: accelerator.reduce(torch.stack(values).mean(), reduction="mean").item()
+        for name, values in stats.items()
     }
 
 
@@ -226,7 +233,9 @@ def collect_rollouts(
         batch_prompts = [prompt for prompt in drawn for _ in range(images_per_prompt)]
         scales, embeds, latents = guidance_scale, None, None
         if shared_initial_noise:
-            latents = initial_latents(context.pipe, len(drawn), generator).repeat_interleave(images_per_prompt, 0)
+            latents = initial_latents(context.pipe, len(drawn), generator).repeat_interleave(
+                images_per_prompt, 0
+            )
         if context.exploration is not None:
             explored = context.exploration.explore(batch_prompts, generator)
             scales, embeds = explored.guidance_scales, explored.prompt_embeds
@@ -249,7 +258,9 @@ def collect_rollouts(
     return Trajectory.concat(trajectories), torch.cat(rewards).to(context.accelerator.device)
 
 
-def sample_rollouts(context: TrainContext, config: TrainConfig, generator: torch.Generator) -> tuple[Trajectory, torch.Tensor]:
+def sample_rollouts(
+    context: TrainContext, config: TrainConfig, generator: torch.Generator
+) -> tuple[Trajectory, torch.Tensor]:
     """``collect_rollouts`` as the run's ``sample`` section says: the rollouts of an epoch of a
     policy-gradient method (``sample.stochastic_steps`` is its window, validated per method)."""
     section = config.sample

@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 class DDPOSection:
     """DDPO (Black et al. 2023): PPO-clip on per-step importance ratios."""
 
-    clip_range: float = doc(1e-2, "PPO clip range on the per-step ratio (DDPO used 1e-4 for SD's 16384-dim latents)")
+    clip_range: float = doc(
+        1e-2, "PPO clip range on the per-step ratio (DDPO used 1e-4 for SD's 16384-dim latents)"
+    )
     adv_clip_max: float = doc(5.0, "advantages are clipped to [-this, this]")
     per_prompt_stat_tracking: bool = doc(True, "normalise rewards per prompt with running statistics")
     stat_buffer_size: int = doc(16, "rewards remembered per prompt for its statistics")
@@ -82,8 +84,11 @@ class PerPromptStatTracker:
         return advantages
 
     def state_dict(self) -> dict:
-        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
-                "history": {prompt: list(values) for prompt, values in self.history.items()}}
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "history": {prompt: list(values) for prompt, values in self.history.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.history = {p: deque(v, maxlen=self.buffer_size) for p, v in state["history"].items()}
@@ -106,7 +111,10 @@ def ppo_clip_loss(
 
 
 def advantages_for(
-    context: TrainContext, tracker: PerPromptStatTracker | None, prompts: list[str], rewards: torch.Tensor,
+    context: TrainContext,
+    tracker: PerPromptStatTracker | None,
+    prompts: list[str],
+    rewards: torch.Tensor,
     clip: float,
 ) -> torch.Tensor:
     """Advantages for this process's samples, computed over the rewards of all processes."""

@@ -49,14 +49,22 @@ if TYPE_CHECKING:
 class DPOKSection:
     """DPOK (Fan et al. 2023): KL-regularised policy gradient with a value baseline and replay buffer."""
 
-    reward_weight: float = doc(10.0, "alpha: weight of the reward term (advantages are reward minus the value baseline)")
-    kl_weight: float = doc(0.01, "beta: weight of the per-step KL to the pre-trained model (the UNet with LoRA off)")
+    reward_weight: float = doc(
+        10.0, "alpha: weight of the reward term (advantages are reward minus the value baseline)"
+    )
+    kl_weight: float = doc(
+        0.01, "beta: weight of the per-step KL to the pre-trained model (the UNet with LoRA off)"
+    )
     clip_range: float = doc(1e-2, "clip range of the per-step importance ratio, as in the paper's code")
     buffer_epochs: int = doc(4, "the replay buffer keeps the transitions of this many recent epochs")
-    updates_per_epoch: int = doc(8, "policy updates per epoch, each on train.batch_size transitions drawn from the buffer")
+    updates_per_epoch: int = doc(
+        8, "policy updates per epoch, each on train.batch_size transitions drawn from the buffer"
+    )
     value_learning_rate: float = doc(1e-3, "AdamW learning rate of the value network")
     value_updates_per_epoch: int = doc(8, "value-network updates per epoch, on buffer transitions")
-    value_width: int = doc(64, "hidden width of the value network (latents + timestep + pooled text -> expected reward)")
+    value_width: int = doc(
+        64, "hidden width of the value network (latents + timestep + pooled text -> expected reward)"
+    )
 
     def validate(self, config: TrainConfig) -> None:
         for key in ("buffer_epochs", "updates_per_epoch", "value_updates_per_epoch", "value_width"):
@@ -90,7 +98,9 @@ class ValueNetwork(nn.Module):
         self.text = nn.Linear(text_width, width)
         self.head = nn.Sequential(nn.Linear(3 * width, width), nn.SiLU(), nn.Linear(width, 1))
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
         """``latents  # [B, C, h, w]``, ``timesteps  # [B]``, ``prompt_embeds  # [B, L, D]`` → ``[B]``."""
         time = get_timestep_embedding(timesteps.float(), self.width).to(latents.dtype)
         features = torch.cat([self.latent(latents), self.text(prompt_embeds.mean(dim=1)), time], dim=1)
@@ -190,7 +200,11 @@ class DPOK:
         self.buffer.add(trajectory, rewards)
         value_losses = [self._value_update(generator) for _ in range(config.dpok.value_updates_per_epoch)]
         stats: dict[str, list[torch.Tensor]] = {
-            "loss": [], "approx_kl": [], "clipfrac": [], "ratio": [], "kl_to_pretrained": []
+            "loss": [],
+            "approx_kl": [],
+            "clipfrac": [],
+            "ratio": [],
+            "kl_to_pretrained": [],
         }
         for _ in range(config.dpok.updates_per_epoch * config.train.gradient_accumulation_steps):
             self._policy_update(generator, stats)
@@ -201,7 +215,9 @@ class DPOK:
             **mean_over_processes(context.accelerator, stats),
         }
 
-    def baseline(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def baseline(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
         """V(x_t, t, z): the buffer's mean reward plus the value network's predicted deviation."""
         return self.buffer.mean_reward() + self.value(latents, timesteps, prompt_embeds)
 
@@ -231,16 +247,28 @@ class DPOK:
         scheduler = context.pipe.scheduler
         scheduler.set_timesteps(config.sample.num_steps, device=context.accelerator.device)
         with torch.no_grad():
-            advantages = section.reward_weight * (rewards - self.baseline(latents, timesteps, batch.prompt_embeds))
+            advantages = section.reward_weight * (
+                rewards - self.baseline(latents, timesteps, batch.prompt_embeds)
+            )
             with adapter_disabled(context.pipe.unet):
                 reference = guided_noise(
-                    context.pipe.unet, latents, timesteps, batch.prompt_embeds, batch.negative_prompt_embeds, scales
+                    context.pipe.unet,
+                    latents,
+                    timesteps,
+                    batch.prompt_embeds,
+                    batch.negative_prompt_embeds,
+                    scales,
                 )
             reference_mean, _ = ddim_posterior(scheduler, reference, timesteps, latents, eta=batch.eta)
         with context.accelerator.accumulate(context.unet):
             with context.accelerator.autocast():
                 noise_pred = guided_noise(
-                    context.unet, latents, timesteps, batch.prompt_embeds, batch.negative_prompt_embeds, scales
+                    context.unet,
+                    latents,
+                    timesteps,
+                    batch.prompt_embeds,
+                    batch.negative_prompt_embeds,
+                    scales,
                 )
             mean, std = ddim_posterior(scheduler, noise_pred, timesteps, latents, eta=batch.eta)
             _, log_prob = ddim_step_with_logprob(

@@ -47,8 +47,12 @@ class GRPOSection:
 
     clip_range: float = doc(1e-2, "PPO clip range on the per-step ratio (as ddpo.clip_range)")
     adv_clip_max: float = doc(5.0, "advantages are clipped to [-this, this]")
-    std: str = doc("group", "advantage scale: group = each prompt group's own std (Flow-GRPO), batch = the batch's std")
-    kl_weight: float = doc(0.0, "beta: weight of the per-step KL to the reference (the UNet with the LoRA adapter off)")
+    std: str = doc(
+        "group", "advantage scale: group = each prompt group's own std (Flow-GRPO), batch = the batch's std"
+    )
+    kl_weight: float = doc(
+        0.0, "beta: weight of the per-step KL to the reference (the UNet with the LoRA adapter off)"
+    )
 
     def validate(self, config: TrainConfig) -> None:
         if self.clip_range <= 0 or self.adv_clip_max <= 0:
@@ -63,7 +67,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, std: str = "group")
     """``rewards  # [N]`` in consecutive groups of ``group_size`` → advantages ``[N]`` (fp32)."""
     groups = rewards.float().reshape(-1, group_size)
     centred = groups - groups.mean(dim=1, keepdim=True)
-    scale = groups.std(dim=1, unbiased=False, keepdim=True) if std == "group" else rewards.float().std(unbiased=False)
+    scale = (
+        groups.std(dim=1, unbiased=False, keepdim=True)
+        if std == "group"
+        else rewards.float().std(unbiased=False)
+    )
     return (centred / (scale + 1e-6)).reshape(-1)
 
 
@@ -72,7 +80,9 @@ class GRPO(DDPO):
     """DDPO's epoch with group-relative advantages and an optional KL to the reference."""
 
     name = "grpo"
-    description = "GRPO (Flow-GRPO, Liu et al. 2025): DDPO with advantages relative to each prompt's image group"
+    description = (
+        "GRPO (Flow-GRPO, Liu et al. 2025): DDPO with advantages relative to each prompt's image group"
+    )
     section = GRPOSection
 
     def __init__(self, context: TrainContext, config: TrainConfig):
@@ -115,10 +125,16 @@ class GRPO(DDPO):
         latents, timesteps = trajectory.latents[rows, step], trajectory.timesteps[step]
         with torch.no_grad(), adapter_disabled(context.pipe.unet), context.accelerator.autocast():
             reference = guided_noise(
-                context.unet, latents, timesteps, trajectory.prompt_embeds[rows],
-                trajectory.negative_prompt_embeds[rows], trajectory.guidance_scales[rows, step],
+                context.unet,
+                latents,
+                timesteps,
+                trajectory.prompt_embeds[rows],
+                trajectory.negative_prompt_embeds[rows],
+                trajectory.guidance_scales[rows, step],
             )
         mean, std = ddim_posterior(context.pipe.scheduler, noise_pred, timesteps, latents, trajectory.eta)
-        reference_mean, _ = ddim_posterior(context.pipe.scheduler, reference, timesteps, latents, trajectory.eta)
+        reference_mean, _ = ddim_posterior(
+            context.pipe.scheduler, reference, timesteps, latents, trajectory.eta
+        )
         kl = kl_to_reference(mean, reference_mean, std).mean()
         return {"kl_to_reference": beta * kl}

@@ -63,10 +63,14 @@ if TYPE_CHECKING:
 class ReFLSection:
     """ReFL (Xu et al. 2023): a differentiable reward read from the one-step prediction x̂_0 at a drawn step."""
 
-    first_step: int = doc(15, "first denoising step (0-based) the gradient step is drawn from (the paper: the "
-                          "last quarter of the chain)")
-    last_step: int = doc(19, "last denoising step (0-based, inclusive) the gradient step is drawn from; "
-                         "< sample.num_steps")
+    first_step: int = doc(
+        15,
+        "first denoising step (0-based) the gradient step is drawn from (the paper: the "
+        "last quarter of the chain)",
+    )
+    last_step: int = doc(
+        19, "last denoising step (0-based, inclusive) the gradient step is drawn from; < sample.num_steps"
+    )
     checkpoint_unet: bool = doc(True, "gradient-checkpoint the UNet call with gradients")
     reward_scale: float = doc(1.0, "the loss is -reward_scale x mean reward")
 
@@ -96,9 +100,16 @@ def x0_at_step(
     with torch.no_grad():
         for step in range(gradient_step):
             noise = guided_noise(
-                unet, latents, timesteps[step], prompt_embeds, negative_prompt_embeds, guidance_scales[:, step]
+                unet,
+                latents,
+                timesteps[step],
+                prompt_embeds,
+                negative_prompt_embeds,
+                guidance_scales[:, step],
             )
-            latents, _ = ddim_step_with_logprob(scheduler, noise, timesteps[step], latents, eta=eta, generator=generator)
+            latents, _ = ddim_step_with_logprob(
+                scheduler, noise, timesteps[step], latents, eta=eta, generator=generator
+            )
     timestep = timesteps[gradient_step]
 
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +128,9 @@ class ReFL(AlignProp):
     with the reward read from x̂_0 at a step drawn from the window instead of the finished image."""
 
     name = "refl"
-    description = "ReFL (Xu et al. 2023): a differentiable reward on the one-step x0 prediction at a drawn step"
+    description = (
+        "ReFL (Xu et al. 2023): a differentiable reward on the one-step x0 prediction at a drawn step"
+    )
     section = ReFLSection
     label = "ReFL"
     window_metric = "gradient_step"
@@ -145,11 +158,22 @@ class ReFL(AlignProp):
         return GradientWindow(step, section.checkpoint_unet)
 
     def sample_images(
-        self, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor, window: GradientWindow,
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        scales: torch.Tensor,
+        window: GradientWindow,
         generator: torch.Generator,
     ) -> torch.Tensor:
         sample_config = self.config.sample
         return x0_at_step(
-            self.context, cond, uncond, scales, num_steps=sample_config.num_steps, eta=sample_config.eta,
-            gradient_step=window.steps, checkpointed=window.checkpointed, generator=generator,
+            self.context,
+            cond,
+            uncond,
+            scales,
+            num_steps=sample_config.num_steps,
+            eta=sample_config.eta,
+            gradient_step=window.steps,
+            checkpointed=window.checkpointed,
+            generator=generator,
         )

@@ -40,7 +40,9 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
         "latents conditioned on the CLIP text tower, and saves <output>/pipeline and <output>/clip. "
         "Python: diffalign.shapes.training.train_all(config, output)."
     )
-    parser.add_argument("--output", "-o", required=True, help="folder for pipeline/, clip/ and training_report.json")
+    parser.add_argument(
+        "--output", "-o", required=True, help="folder for pipeline/, clip/ and training_report.json"
+    )
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as shipped)")
     add_dataclass_arguments(parser, ShapesTrainingConfig)
     parser.set_defaults(handler=train)
@@ -56,9 +58,14 @@ def configure_train_inpaint(parser: argparse.ArgumentParser) -> None:
         "scores. Rerun the same command to resume an interrupted run. "
         "Python: diffalign.shapes.inpaint_training.train_inpainting(config, output)."
     )
-    parser.add_argument("--output", "-o", required=True, help="folder for unet/, pipeline/ and training_report.json")
-    parser.add_argument("--install", action="store_true",
-                        help="then copy <output>/unet into the package, as the model `shapes-inpaint` loads")
+    parser.add_argument(
+        "--output", "-o", required=True, help="folder for unet/, pipeline/ and training_report.json"
+    )
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="then copy <output>/unet into the package, as the model `shapes-inpaint` loads",
+    )
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as shipped)")
     add_dataclass_arguments(parser, InpaintTrainingConfig)
     parser.set_defaults(handler=train_inpaint)
@@ -74,9 +81,14 @@ def configure_train_negclip(parser: argparse.ArgumentParser) -> None:
         "training_report.json with the word-order accuracies before and after (the shipped model: "
         "about 20 min on one CPU thread). Python: diffalign.shapes.negclip.train_negclip(config, output)."
     )
-    parser.add_argument("--output", "-o", required=True, help="a new folder for clip/ and training_report.json")
-    parser.add_argument("--install", action="store_true",
-                        help="then copy <output>/clip into the package, as the model `shapes-negclip` loads")
+    parser.add_argument(
+        "--output", "-o", required=True, help="a new folder for clip/ and training_report.json"
+    )
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="then copy <output>/clip into the package, as the model `shapes-negclip` loads",
+    )
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as shipped)")
     add_dataclass_arguments(parser, NegClipConfig)
     parser.set_defaults(handler=train_negclip)
@@ -95,15 +107,21 @@ def train(args: argparse.Namespace) -> int:
 def train_inpaint(args: argparse.Namespace) -> int:
     from diffalign.shapes import assets, inpaint_training
 
-    config = inpaint_training.InpaintTrainingConfig(**dataclass_values(args, inpaint_training.InpaintTrainingConfig))
+    config = inpaint_training.InpaintTrainingConfig(
+        **dataclass_values(args, inpaint_training.InpaintTrainingConfig)
+    )
     output = Path(args.output)
     report = inpaint_training.train_inpainting(config, output, fp16=not args.fp32)
     seconds = report["seconds"]
-    print(f"trained the ShapesWorld inpainting UNet into {output} "
-          f"(training {seconds['train'] / 60:.1f} min, this run {seconds['run'] / 60:.1f} min)")
+    print(
+        f"trained the ShapesWorld inpainting UNet into {output} "
+        f"(training {seconds['train'] / 60:.1f} min, this run {seconds['run'] / 60:.1f} min)"
+    )
     for name, quality in report.get("evaluation", {}).items():
-        print(f"  {name}: oracle success {quality['success']:.3f}, mean score {quality['score']:.3f}, "
-              f"kept-region change {quality['kept_error']:.4f} over {quality['scenes']} edits")
+        print(
+            f"  {name}: oracle success {quality['success']:.3f}, mean score {quality['score']:.3f}, "
+            f"kept-region change {quality['kept_error']:.4f} over {quality['scenes']} edits"
+        )
     if args.install:
         inpaint_training.install(output / "unet")
         print(f"installed {output / 'unet'} as the shipped model ({assets.INPAINT_UNET_DIR})")
@@ -118,8 +136,10 @@ def train_negclip(args: argparse.Namespace) -> int:
     outputs.check_new_run_folder(output)
     config = negclip.NegClipConfig(**dataclass_values(args, negclip.NegClipConfig))
     report = negclip.train_negclip(config, output, fp16=not args.fp32)
-    print(f"fine-tuned the ShapesWorld CLIP with hard negatives into {output / 'clip'} "
-          f"({report['train_seconds'] / 60:.1f} min)")
+    print(
+        f"fine-tuned the ShapesWorld CLIP with hard negatives into {output / 'clip'} "
+        f"({report['train_seconds'] / 60:.1f} min)"
+    )
     for name in report["after"]:
         print(f"  {name}: {report['before'][name]:.3f} -> {report['after'][name]:.3f}")
     if args.install:

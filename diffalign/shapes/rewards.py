@@ -47,7 +47,9 @@ class ShapesClip(nn.Module):
         """Unit-norm text embeddings ``[B, D]``, computed once per distinct prompt."""
         missing = sorted({p for p in prompts if p not in self._text_cache})
         if missing:
-            ids = self.tokenizer(missing, padding="max_length", truncation=True, return_tensors="pt").input_ids
+            ids = self.tokenizer(
+                missing, padding="max_length", truncation=True, return_tensors="pt"
+            ).input_ids
             output = self.model.text_model(input_ids=ids.to(self.mean.device))
             embeds = F.normalize(self.model.text_projection(output.pooler_output), dim=-1)
             self._text_cache.update(zip(missing, embeds))

@@ -43,7 +43,6 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 TRAINING_MIX: dict[str, float] = {"single": 0.4, "count": 0.2, "relation": 0.4}
 
 
-
 def prompts(split: str = "train", kind: str = "all") -> list[str]:
     """The prompts of a split (``train`` or ``heldout``) and kind (``single``, ``count``,
     ``relation`` or ``all``), in a fixed order."""
@@ -60,9 +59,7 @@ def prompt_set(name: str) -> list[str]:
     return prompts(*PROMPT_SETS[name])
 
 
-def training_pairs(
-    n: int, rng: np.random.Generator, size: int = 32
-) -> Iterator[tuple[np.ndarray, str]]:
+def training_pairs(n: int, rng: np.random.Generator, size: int = 32) -> Iterator[tuple[np.ndarray, str]]:
     """``n`` random ``(image [size, size, 3] uint8, caption)`` pairs built only from train
     compositions, kinds mixed as in ``TRAINING_MIX``, uniform over the prompts of a kind."""
     kinds = list(TRAINING_MIX)

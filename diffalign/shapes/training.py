@@ -60,7 +60,9 @@ def render_dataset(size: int, seed: int) -> Dataset:
     """``size`` random train-split scenes with captions, reproducibly from ``seed``."""
     rng = np.random.default_rng(seed)
     images, captions = [], []
-    for image, caption in tqdm(training_pairs(size, rng, models.IMAGE_SIZE), total=size, desc="render scenes"):
+    for image, caption in tqdm(
+        training_pairs(size, rng, models.IMAGE_SIZE), total=size, desc="render scenes"
+    ):
         images.append(image)
         captions.append(caption)
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
@@ -80,7 +82,9 @@ def clip_pixels(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-def clipped_step(loss: torch.Tensor, model: torch.nn.Module, optimizer, schedule, max_norm: float = 1.0) -> None:
+def clipped_step(
+    loss: torch.Tensor, model: torch.nn.Module, optimizer, schedule, max_norm: float = 1.0
+) -> None:
     """Backward, clip the gradient norm, step the optimiser and its schedule, clear gradients."""
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -106,7 +110,8 @@ def train_clip(data: Dataset, config: ShapesTrainingConfig, generator: torch.Gen
         same = caption_index[batch][:, None] == caption_index[batch][None, :]
         targets = same.float() / same.float().sum(dim=1, keepdim=True)
         loss = (
-            F.cross_entropy(output.logits_per_image, targets) + F.cross_entropy(output.logits_per_text, targets)
+            F.cross_entropy(output.logits_per_image, targets)
+            + F.cross_entropy(output.logits_per_text, targets)
         ) / 2
         clipped_step(loss, model, optimizer, schedule)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -131,7 +136,10 @@ def train_vae(data: Dataset, config: ShapesTrainingConfig, generator: torch.Gene
     vae.train()
     bar = tqdm(range(config.vae_steps), desc="train VAE")
     for _ in bar:
-        batch = data.images[torch.randint(len(data.images), (config.vae_batch_size,), generator=generator)] * 2 - 1
+        batch = (
+            data.images[torch.randint(len(data.images), (config.vae_batch_size,), generator=generator)] * 2
+            - 1
+        )
         posterior = vae.encode(batch).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         reconstruction = vae.decode(latents).sample
