@@ -153,7 +153,7 @@ class Callbacks:
         strength: float,
         steps: float,
         seed: float | None,
-        progress: gr.Progress = gr.Progress(),
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio hands a handler its tracker
     ) -> tuple[np.ndarray, str, str, Protection]:
         """Protect the marked region: (protected image, PNG path, summary markdown, state for the edits).
 
@@ -187,7 +187,7 @@ class Callbacks:
             f"**{method}**, {steps} steps, strength {strength:g}/255 on {area:.0%} of the "
             f"{width}×{height} px image: {result.unet_calls} UNet and {result.vae_calls} VAE calls in "
             f"{result.seconds:.1f} s. PSNR against the original: "
-            f"{protection_io.psnr(fitted.image, protected):.1f} dB."
+            f"{images.psnr(fitted.image, protected):.1f} dB."
         )
         state = Protection(original=fitted.image, mask=fitted.mask, protected=protected)
         return _to_array(protected), str(path), summary, state
@@ -198,7 +198,7 @@ class Callbacks:
         prompt: str,
         edit_steps: float,
         seed: float | None,
-        progress: gr.Progress = gr.Progress(),
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 - how Gradio hands a handler its tracker
     ) -> tuple[np.ndarray, np.ndarray]:
         """The attacker's edit (keep the protected region, repaint the rest) of both images.
 

@@ -42,7 +42,9 @@ def create_app(pipe: StableDiffusionInpaintPipeline) -> gr.Blocks:
     # elsewhere Gradio's own default (1/50 of the image's shorter side) scales with the photo.
     brush_size = max(1, native // 8) if native < protection_io.FIXED_RESOLUTION_BELOW else "auto"
     # delete_cache: Gradio's copies of uploads go when the app stops (and hourly, after an hour).
-    with gr.Blocks(title="diffalign: protect an image", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+    with gr.Blocks(
+        title="diffalign: protect an image", analytics_enabled=False, delete_cache=(3600, 3600)
+    ) as app:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column():

@@ -44,7 +44,9 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     positive, negative = scores[labels], scores[~labels]
     if not len(positive) or not len(negative):
         return float("nan")
-    greater = (positive[:, None] > negative[None, :]).sum() + 0.5 * (positive[:, None] == negative[None, :]).sum()
+    greater = (positive[:, None] > negative[None, :]).sum() + 0.5 * (
+        positive[:, None] == negative[None, :]
+    ).sum()
     return float(greater / (len(positive) * len(negative)))
 
 
@@ -83,7 +85,9 @@ def probe(count: int, steps: int, guidance: float, seed: int, reward_names: list
     latents = initial_latents(pipe, len(prompts), torch.Generator().manual_seed(seed + 1))
     predictions = []
     for timestep in scheduler.timesteps:
-        noise = guided_noise(pipe.unet, latents, timestep, cond, uncond, torch.full((len(prompts),), guidance))
+        noise = guided_noise(
+            pipe.unet, latents, timestep, cond, uncond, torch.full((len(prompts),), guidance)
+        )
         clean, _ = predict_original(scheduler, noise, alpha_cumprod_at(scheduler, timestep, latents), latents)
         predictions.append(decode_latents(pipe, clean))
         latents = scheduler.step(noise, timestep, latents, eta=0.0).prev_sample
@@ -95,16 +99,27 @@ def probe(count: int, steps: int, guidance: float, seed: int, reward_names: list
         both = [(a, b) for a, b in zip(early, final) if a is not None and b is not None]
         labelled = np.array([b is not None for b in final])
         labels = np.array([bool(b) for b in final])[labelled]
-        row = {"step": step, "timestep": int(scheduler.timesteps[step]), "detectable": len(both),
-               "agree": sum(a == b for a, b in both),
-               "oracle": float(detector.score_batch(images, prompts).mean())}
+        row = {
+            "step": step,
+            "timestep": int(scheduler.timesteps[step]),
+            "detectable": len(both),
+            "agree": sum(a == b for a, b in both),
+            "oracle": float(detector.score_batch(images, prompts).mean()),
+        }
         for name, scorer in scorers.items():
             gap = (scorer(images, prompts) - scorer(images, converses)).float().numpy()
             row[f"auroc {name}"] = auroc(gap[labelled], labels)
         rows.append(row)
     holding = sum(bool(b) for b in final)
-    return {"prompts": len(prompts), "steps": steps, "guidance": guidance, "seed": seed,
-            "final_relation_holds": holding, "final_detectable": sum(b is not None for b in final), "rows": rows}
+    return {
+        "prompts": len(prompts),
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "final_relation_holds": holding,
+        "final_detectable": sum(b is not None for b in final),
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,13 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.prompts, args.steps, args.rewards = 8, 6, ["shapes-clip"]
     result = probe(args.prompts, args.steps, args.guidance, args.seed, args.rewards)
-    print(f"final images: relation holds in {result['final_relation_holds']} of {result['final_detectable']} "
-          f"where both objects are found ({result['prompts']} prompts)")
+    print(
+        f"final images: relation holds in {result['final_relation_holds']} of {result['final_detectable']} "
+        f"where both objects are found ({result['prompts']} prompts)"
+    )
     names = [key for key in result["rows"][0] if key.startswith("auroc")]
-    print(f"{'step':>4} {'t':>5} {'agree with final':>17} {'oracle(x0)':>11}" + "".join(f"{n:>24}" for n in names))
+    print(
+        f"{'step':>4} {'t':>5} {'agree with final':>17} {'oracle(x0)':>11}"
+        + "".join(f"{n:>24}" for n in names)
+    )
     for row in result["rows"]:
-        print(f"{row['step']:>4} {row['timestep']:>5} {row['agree']:>9}/{row['detectable']:<7} {row['oracle']:>11.3f}"
-              + "".join(f"{row[n]:>24.2f}" for n in names))
+        print(
+            f"{row['step']:>4} {row['timestep']:>5} {row['agree']:>9}/{row['detectable']:<7} {row['oracle']:>11.3f}"
+            + "".join(f"{row[n]:>24.2f}" for n in names)
+        )
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "layout_steps.json").write_text(json.dumps(result, indent=1), "utf-8")

@@ -13,8 +13,9 @@ DDPO is the method the paper studies; on a CPU budget its proxy barely moves on 
 (README, issue 3), so the study also runs AlignProp, whose proxy does climb within the budget,
 to show what happens to the oracle while a proxy is pushed up.
 
-Outputs: ``results/overoptimization.json`` (every curve, summaries, the AUROC table) and
-``results/overoptimization.png`` (change since the base model against reward queries).
+Outputs, in ``--output`` (default ``./results/overoptimization/``): ``overoptimization.json``
+(every curve, summaries, the AUROC table) and ``overoptimization.png`` (change since the base
+model against reward queries).
 
     python -m diffalign.benchmarks.overoptimization            # 2 methods x 2 rewards x 3 seeds
     python -m diffalign.benchmarks.overoptimization --quick    # smoke run, about a minute
@@ -29,15 +30,20 @@ from pathlib import Path
 
 from diffalign.benchmarks import seeded_runs
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RAW, CALIBRATED = "shapes-clip", "textnorm(shapes-clip)"
 PROMPTS = "shapes-count"
 # Per method, the settings under which its proxy moves within a CPU budget. DDPO: 64 images per
 # epoch in groups of 8 per prompt, two optimizer steps of 32 images each at lr 3e-3 (with the
 # default 32 images and 4-image steps its curves stay flat); AlignProp: its preset.
 METHODS: dict[str, list[str]] = {
-    "ddpo": ["sample.batch_size=16", "sample.num_batches_per_epoch=4", "sample.images_per_prompt=8",
-             "train.batch_size=16", "train.gradient_accumulation_steps=2", "train.learning_rate=3e-3"],
+    "ddpo": [
+        "sample.batch_size=16",
+        "sample.num_batches_per_epoch=4",
+        "sample.images_per_prompt=8",
+        "train.batch_size=16",
+        "train.gradient_accumulation_steps=2",
+        "train.learning_rate=3e-3",
+    ],
     "alignprop": [],
 }
 TRAIN_ORACLE = f"eval/{PROMPTS}/shapes-oracle"
@@ -68,17 +74,29 @@ class Study:
 
     def variants(self) -> dict[str, tuple[str, str]]:
         """``"method · reward"`` -> (method, reward)."""
-        return {f"{method} · {reward}": (method, reward) for method in self.methods for reward in self.rewards}
+        return {
+            f"{method} · {reward}": (method, reward) for method in self.methods for reward in self.rewards
+        }
 
     def overrides(self, variant: str, seed: int, output_dir: Path) -> list[str]:
         method, reward = self.variants()[variant]
         return [
-            f"method={method}", *METHODS[method], f"sample.num_steps={self.num_steps}",
-            "model=shapes", f"reward={reward}", f"prompts={PROMPTS}",
-            f"seed={seed}", f"epochs={self.epochs}", f"output_dir={output_dir}",
-            f"eval.every={self.eval_every}", f"eval.size={self.eval_size}",
-            f"eval.prompt_sets=[{PROMPTS}, shapes-heldout]", f"eval.rewards={EXTRA_EVAL_REWARDS[reward]}",
-            "save_every=1000", "keep_checkpoints=1", "tensorboard=false",
+            f"method={method}",
+            *METHODS[method],
+            f"sample.num_steps={self.num_steps}",
+            "model=shapes",
+            f"reward={reward}",
+            f"prompts={PROMPTS}",
+            f"seed={seed}",
+            f"epochs={self.epochs}",
+            f"output_dir={output_dir}",
+            f"eval.every={self.eval_every}",
+            f"eval.size={self.eval_size}",
+            f"eval.prompt_sets=[{PROMPTS}, shapes-heldout]",
+            f"eval.rewards={EXTRA_EVAL_REWARDS[reward]}",
+            "save_every=1000",
+            "keep_checkpoints=1",
+            "tensorboard=false",
             *self.extra,
         ]
 
@@ -91,8 +109,10 @@ def auroc_table(reward_names: list[str], data: str | None, progress: bool) -> di
     table = {}
     for name in reward_names:
         results = tia2.evaluate(name, dataset, progress=progress)
-        table[name] = {subset: {"auroc": metrics["auroc"], "auprc": metrics["auprc"]}
-                       for subset, metrics in results.items()}
+        table[name] = {
+            subset: {"auroc": metrics["auroc"], "auprc": metrics["auprc"]}
+            for subset, metrics in results.items()
+        }
     return table
 
 
@@ -102,9 +122,7 @@ def run(study: Study, *, jobs: int = 2, tia_data: str | None = None, progress: b
     # The first key must be logged by every run: the train-oracle curve is.
     keys.remove(TRAIN_ORACLE)
     keys.insert(0, TRAIN_ORACLE)
-    runs, execution = seeded_runs.run_grid(
-        study.variants(), study.seeds, study.overrides, keys, jobs=jobs
-    )
+    runs, execution = seeded_runs.run_grid(study.variants(), study.seeds, study.overrides, keys, jobs=jobs)
     return {
         "study": asdict(study),
         **execution,
@@ -130,8 +148,10 @@ def format_table(result: dict) -> str:
     subsets = list(next(iter(result["auroc"].values())))
     lines.append(f"{'reward':<24}" + "".join(f"{subset:>24}" for subset in subsets))
     for name, per_subset in result["auroc"].items():
-        lines.append(f"{name:<24}" + "".join(
-            f"{per_subset[s]['auroc']:>15.3f} / {per_subset[s]['auprc']:.3f}" for s in subsets))
+        lines.append(
+            f"{name:<24}"
+            + "".join(f"{per_subset[s]['auroc']:>15.3f} / {per_subset[s]['auprc']:.3f}" for s in subsets)
+        )
     return "\n".join(lines)
 
 
@@ -143,10 +163,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--eval-size", type=int, default=64, help="images per evaluated prompt set")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (torch threads = cores / jobs)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config override applied to every run")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override applied to every run",
+    )
     parser.add_argument("--tia-data", help="a TIA2-format dataset for the AUROC table (default: shapes-TIA)")
-    parser.add_argument("--output", default=str(RESULTS / "overoptimization.json"))
+    parser.add_argument(
+        "--output",
+        default="results/overoptimization",
+        help="folder for overoptimization.json and .png (default: %(default)s, under the current folder)",
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 short epochs: a smoke run")
     parser.add_argument("--from-json", metavar="PATH", help="re-plot and re-print a finished study")
     parser.add_argument("--no-progress", action="store_true")
@@ -154,21 +183,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text("utf-8"))
     else:
-        study = Study(seeds=args.seeds, methods=args.methods, epochs=args.epochs, eval_every=args.eval_every,
-                      eval_size=args.eval_size, extra=args.set)
+        study = Study(
+            seeds=args.seeds,
+            methods=args.methods,
+            epochs=args.epochs,
+            eval_every=args.eval_every,
+            eval_size=args.eval_size,
+            extra=args.set,
+        )
         if args.quick:
-            study = Study(seeds=args.seeds[:1], methods=args.methods, epochs=2, eval_every=1, eval_size=8,
-                          num_steps=4, extra=["sample.batch_size=8", "sample.num_batches_per_epoch=1",
-                "sample.images_per_prompt=4", "train.batch_size=8", "train.gradient_accumulation_steps=1",
-                *args.set])
+            study = Study(
+                seeds=args.seeds[:1],
+                methods=args.methods,
+                epochs=2,
+                eval_every=1,
+                eval_size=8,
+                num_steps=4,
+                extra=[
+                    "sample.batch_size=8",
+                    "sample.num_batches_per_epoch=1",
+                    "sample.images_per_prompt=4",
+                    "train.batch_size=8",
+                    "train.gradient_accumulation_steps=1",
+                    *args.set,
+                ],
+            )
         result = run(study, jobs=args.jobs, tia_data=args.tia_data, progress=not args.no_progress)
-        output = Path(args.output)
+        output = Path(args.output) / "overoptimization.json"
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(result, indent=1), "utf-8")
         args.from_json = str(output)
     output = Path(args.from_json)
     seeded_runs.plot_changes(
-        result["summary"], CURVES, output.with_suffix(".png"),
+        result["summary"],
+        CURVES,
+        output.with_suffix(".png"),
         f"{PROMPTS}: trained on raw shapes-clip vs TextNorm (change since base; mean over seeds, band = min..max)",
     )
     print(format_table(result))

@@ -39,14 +39,13 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "perf.json"
 SAMPLING_TARGET = 1.05  # our seconds / stock seconds
 DDPO_TARGET = 1.2  # DDPO epoch seconds / bare-compute seconds
 # Above this (max - min) / median of a series, the machine was too busy for 5 % differences to mean much.
@@ -241,25 +240,36 @@ def benchmark_sampling(settings: Settings, device: torch.device) -> dict:
     pipe = pipeline.load(settings.model, seed=settings.seed)
     pipe.to(device)
     prompts = prompt_sets.draw(
-        prompt_sets.load_prompts("simple-animals"), settings.batch_size, torch.Generator().manual_seed(settings.seed)
+        prompt_sets.load_prompts("simple-animals"),
+        settings.batch_size,
+        torch.Generator().manual_seed(settings.seed),
     )
 
     def ours(index: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(settings.seed + index)
         return sample(
-            pipe, prompts, num_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
+            pipe,
+            prompts,
+            num_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            eta=settings.eta,
             generator=generator,
         ).images
 
     def stock(index: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(settings.seed + index)
         return pipe(
-            prompts, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, eta=settings.eta,
-            generator=generator, output_type="pt",
+            prompts,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            eta=settings.eta,
+            generator=generator,
+            output_type="pt",
         ).images
 
-    seconds = interleaved({"ours": ours, "stock": stock}, repeats=settings.repeats, warmup=settings.warmup,
-                          device=device)
+    seconds = interleaved(
+        {"ours": ours, "stock": stock}, repeats=settings.repeats, warmup=settings.warmup, device=device
+    )
     memory = {}
     for name, function in (("ours", ours), ("stock", stock)):
         with peak_memory(device) as memory[name]:
@@ -362,8 +372,13 @@ class BareEpoch:
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         tokenizer = self.pipe.tokenizer
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(self.device)
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
         return self.pipe.text_encoder(ids)[0]  # [N, L, D]
 
     @torch.no_grad()
@@ -382,9 +397,13 @@ class BareEpoch:
             noise = pipe.unet(torch.cat([latents, latents]), timestep, encoder_hidden_states=embeds).sample
             uncond, cond = noise.chunk(2)
             noise = uncond + sample.guidance_scale * (cond - uncond)
-            latents = pipe.scheduler.step(noise, timestep, latents, eta=sample.eta, generator=generator).prev_sample
+            latents = pipe.scheduler.step(
+                noise, timestep, latents, eta=sample.eta, generator=generator
+            ).prev_sample
             chain.append(latents)
-        pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        _ = pipe.vae.decode(
+            latents / pipe.vae.config.scaling_factor
+        ).sample  # decoding is part of what is timed
         return torch.stack(chain, dim=1), embeds, pipe.scheduler.timesteps
 
     def __call__(self, index: int) -> None:
@@ -408,8 +427,11 @@ class BareEpoch:
                     step = torch.randint(len(timesteps), (len(rows),), generator=generator)
                     x = latents[rows, step]
                     t = timesteps[step.to(timesteps.device)]
-                    noise = unet(torch.cat([x, x]), torch.cat([t, t]),
-                                 encoder_hidden_states=torch.cat([embeds[0, rows], embeds[1, rows]])).sample
+                    noise = unet(
+                        torch.cat([x, x]),
+                        torch.cat([t, t]),
+                        encoder_hidden_states=torch.cat([embeds[0, rows], embeds[1, rows]]),
+                    ).sample
                     uncond, cond = noise.chunk(2)
                     loss = (uncond + config.sample.guidance_scale * (cond - uncond)).float().pow(2).mean()
                     loss.backward()
@@ -432,17 +454,21 @@ def benchmark_ddpo(settings: Settings) -> dict:
 
     def ddpo_epoch(index: int) -> None:
         timed_reward.seconds = 0.0
-        method.run_epoch(index, torch.Generator().manual_seed(settings.seed + index))
+        method.run_epoch(torch.Generator().manual_seed(settings.seed + index))
         reward_seconds.append(timed_reward.seconds)
 
     def bare_epoch(index: int) -> None:
         bare(index)
         bare_parts.append((bare.sampling_seconds, bare.training_seconds))
 
-    seconds = interleaved({"ddpo": ddpo_epoch, "bare": bare_epoch}, repeats=settings.repeats,
-                          warmup=settings.warmup, device=device)
-    timed_reward_s = reward_seconds[settings.warmup:]  # the timed repetitions only
-    timed_parts = bare_parts[settings.warmup:]
+    seconds = interleaved(
+        {"ddpo": ddpo_epoch, "bare": bare_epoch},
+        repeats=settings.repeats,
+        warmup=settings.warmup,
+        device=device,
+    )
+    timed_reward_s = reward_seconds[settings.warmup :]  # the timed repetitions only
+    timed_parts = bare_parts[settings.warmup :]
     memory = {}
     for name, function in (("ddpo", ddpo_epoch), ("bare", bare_epoch)):
         with peak_memory(device) as memory[name]:
@@ -465,10 +491,15 @@ def benchmark_ddpo(settings: Settings) -> dict:
         "reward_share": statistics.median(r / t for r, t in zip(timed_reward_s, seconds["ddpo"])),
         "ratio_without_reward": statistics.median(without_reward) / bare_s["median_s"],
         "images_per_epoch": settings.batch_size * settings.num_batches,
-        "unet_training_calls_per_epoch": (settings.batch_size * settings.num_batches // settings.train_batch_size)
-        * bare.trained * bare.config.train.inner_epochs,
+        "unet_training_calls_per_epoch": (
+            settings.batch_size * settings.num_batches // settings.train_batch_size
+        )
+        * bare.trained
+        * bare.config.train.inner_epochs,
         "optimizer_steps_per_epoch": (settings.batch_size * settings.num_batches // settings.train_batch_size)
-        * bare.trained * bare.config.train.inner_epochs // bare.accumulation,
+        * bare.trained
+        * bare.config.train.inner_epochs
+        // bare.accumulation,
         "memory": memory,
     }
 
@@ -514,7 +545,7 @@ def run(
     steps: int | None = None,
     repeats: int | None = None,
     threads: int | None = None,
-    output: str | Path | None = DEFAULT_OUTPUT,
+    output: str | Path | None = None,
     settings: Settings | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -524,14 +555,23 @@ def run(
     little); ``batch_size``, ``steps``, ``repeats`` and ``threads`` override either starting point.
     """
     base = settings or (QUICK if quick else Settings())
-    changes = {name: value for name, value in (("batch_size", batch_size), ("steps", steps), ("repeats", repeats),
-                                                        ("threads", threads))
-               if value is not None}
+    changes = {
+        name: value
+        for name, value in (
+            ("batch_size", batch_size),
+            ("steps", steps),
+            ("repeats", repeats),
+            ("threads", threads),
+        )
+        if value is not None
+    }
     settings = replace(base, **changes)
     if settings.batch_size * settings.num_batches % settings.train_batch_size:
         # Config validation would refuse the run; shrink the micro-batch rather than fail on a CLI size.
-        settings = replace(settings, train_batch_size=math.gcd(settings.batch_size * settings.num_batches,
-                                                               settings.train_batch_size))
+        settings = replace(
+            settings,
+            train_batch_size=math.gcd(settings.batch_size * settings.num_batches, settings.train_batch_size),
+        )
     log = log or (lambda message: None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads_before = torch.get_num_threads()
@@ -543,8 +583,13 @@ def run(
         torch.set_num_threads(threads_before)
 
 
-def _run(settings: Settings, quick: bool, output: str | Path | None, log: Callable[[str], None],
-         device: torch.device) -> dict:
+def _run(
+    settings: Settings,
+    quick: bool,
+    output: str | Path | None,
+    log: Callable[[str], None],
+    device: torch.device,
+) -> dict:
     started = time.perf_counter()
     load_before = _load_average()
     log(f"sampling: {settings.repeats} interleaved repetitions of sample() and pipe() ...")
@@ -588,51 +633,100 @@ def format_table(result: dict) -> str:
     def row(metric, ours, reference, ratio=None, target=None, passed=None):
         verdict = "—" if passed is None else ("PASS" if passed else "FAIL")
         ratio_text = ratio if isinstance(ratio, str) else ("—" if ratio is None else f"{ratio:.3f}")
-        return (metric, number(ours), number(reference), ratio_text,
-                "—" if target is None else f"≤ {target:g}", verdict)
+        return (
+            metric,
+            number(ours),
+            number(reference),
+            ratio_text,
+            "—" if target is None else f"≤ {target:g}",
+            verdict,
+        )
 
     rows = [
         ("metric", "ours", "reference", "ratio", "target", "result"),
-        row("sampling s/batch (ref: stock pipe)", sampling["ours"]["median_s"], sampling["stock"]["median_s"],
-            sampling["ratio"], sampling["target"], sampling["passed"]),
+        row(
+            "sampling s/batch (ref: stock pipe)",
+            sampling["ours"]["median_s"],
+            sampling["stock"]["median_s"],
+            sampling["ratio"],
+            sampling["target"],
+            sampling["passed"],
+        ),
         row("sampling images/s", sampling["ours_images_per_s"], sampling["stock_images_per_s"]),
-        row("DDPO epoch s (ref: bare compute)", ddpo["ddpo_epoch"]["median_s"], ddpo["bare"]["median_s"],
-            ddpo["ratio"], ddpo["target"], ddpo["passed"]),
-        row("DDPO epoch s without reward", ddpo["ddpo_epoch"]["median_s"] - ddpo["reward_s"],
-            ddpo["bare"]["median_s"], ddpo["ratio_without_reward"]),
+        row(
+            "DDPO epoch s (ref: bare compute)",
+            ddpo["ddpo_epoch"]["median_s"],
+            ddpo["bare"]["median_s"],
+            ddpo["ratio"],
+            ddpo["target"],
+            ddpo["passed"],
+        ),
+        row(
+            "DDPO epoch s without reward",
+            ddpo["ddpo_epoch"]["median_s"] - ddpo["reward_s"],
+            ddpo["bare"]["median_s"],
+            ddpo["ratio_without_reward"],
+        ),
         row("  reward s/epoch (share of epoch)", ddpo["reward_s"], None, f"{ddpo['reward_share']:.2%}"),
         row("  bare: rollouts s / updates s", ddpo["bare_sampling_s"], ddpo["bare_training_s"]),
     ]
-    for label, section, ours, reference in (("sampling", sampling, "ours", "stock"),
-                                            ("DDPO epoch", ddpo, "ddpo", "bare")):
+    for label, section, ours, reference in (
+        ("sampling", sampling, "ours", "stock"),
+        ("DDPO epoch", ddpo, "ddpo", "bare"),
+    ):
         memory = section["memory"]
-        rows.append(row(f"peak RSS MB, {label}", memory[ours]["peak_rss_mb"], memory[reference]["peak_rss_mb"],
-                        memory[ours]["peak_rss_mb"] / memory[reference]["peak_rss_mb"]))
-        rows.append(row(f"  RSS growth MB, {label}", memory[ours]["increase_mb"], memory[reference]["increase_mb"]))
+        rows.append(
+            row(
+                f"peak RSS MB, {label}",
+                memory[ours]["peak_rss_mb"],
+                memory[reference]["peak_rss_mb"],
+                memory[ours]["peak_rss_mb"] / memory[reference]["peak_rss_mb"],
+            )
+        )
+        rows.append(
+            row(f"  RSS growth MB, {label}", memory[ours]["increase_mb"], memory[reference]["increase_mb"])
+        )
         if "cuda_max_allocated_mb" in memory[ours]:
-            rows.append(row(f"CUDA max allocated MB, {label}", memory[ours]["cuda_max_allocated_mb"],
-                            memory[reference]["cuda_max_allocated_mb"],
-                            memory[ours]["cuda_max_allocated_mb"] / memory[reference]["cuda_max_allocated_mb"]))
+            rows.append(
+                row(
+                    f"CUDA max allocated MB, {label}",
+                    memory[ours]["cuda_max_allocated_mb"],
+                    memory[reference]["cuda_max_allocated_mb"],
+                    memory[ours]["cuda_max_allocated_mb"] / memory[reference]["cuda_max_allocated_mb"],
+                )
+            )
     widths = [max(len(line[column]) for line in rows) for column in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     settings, machine = result["settings"], result["machine"]
-    spreads = ", ".join(f"{name} {item['relative_spread']:.0%}" for name, item in (
-        ("ours", sampling["ours"]), ("stock", sampling["stock"]), ("ddpo", ddpo["ddpo_epoch"]),
-        ("bare", ddpo["bare"])))
+    spreads = ", ".join(
+        f"{name} {item['relative_spread']:.0%}"
+        for name, item in (
+            ("ours", sampling["ours"]),
+            ("stock", sampling["stock"]),
+            ("ddpo", ddpo["ddpo_epoch"]),
+            ("bare", ddpo["bare"]),
+        )
+    )
     lines += [
         "",
-        f"{settings['model']}, batch {settings['batch_size']}, {settings['steps']} DDIM steps, guidance "
-        f"{settings['guidance_scale']:g}, eta {settings['eta']:g}, LoRA rank {settings['lora_rank']}, "
-        f"{settings['reward']}; median of {settings['repeats']} interleaved repetitions",
-        f"torch {machine['torch']} on {machine['device']}, torch threads: {machine['torch_threads']}, "
-        f"{machine['cpu_count']} CPUs, load average (1/5/15 min) {_loads(machine['load_average_before'])} → "
-        f"{_loads(machine['load_average_after'])}; run took {result['wall_s']:.0f} s",
+        (
+            f"{settings['model']}, batch {settings['batch_size']}, {settings['steps']} DDIM steps, guidance "
+            f"{settings['guidance_scale']:g}, eta {settings['eta']:g}, LoRA rank {settings['lora_rank']}, "
+            f"{settings['reward']}; median of {settings['repeats']} interleaved repetitions"
+        ),
+        (
+            f"torch {machine['torch']} on {machine['device']}, torch threads: {machine['torch_threads']}, "
+            f"{machine['cpu_count']} CPUs, load average (1/5/15 min) {_loads(machine['load_average_before'])} → "
+            f"{_loads(machine['load_average_after'])}; run took {result['wall_s']:.0f} s"
+        ),
         f"spread (max-min)/median: {spreads}",
     ]
     if result["noisy"]:
-        lines.append(f"NOISY: a series spread more than {NOISY_SPREAD:.0%}; the machine was busy — re-run "
-                     "before trusting a few-percent difference.")
+        lines.append(
+            f"NOISY: a series spread more than {NOISY_SPREAD:.0%}; the machine was busy — re-run "
+            "before trusting a few-percent difference."
+        )
     if result.get("output"):
         lines.append(f"JSON: {result['output']}")
     return "\n".join(lines)
@@ -644,20 +738,36 @@ def main(argv: list[str] | None = None) -> int:
         description="Time diffalign's sampler and DDPO epoch against the stock pipeline and the bare compute "
         "they need, side by side in one process. Python: diffalign.benchmarks.perf.run(...).",
     )
-    parser.add_argument("--batch-size", type=int, help=f"images per sampling batch (default {Settings.batch_size})")
+    parser.add_argument(
+        "--batch-size", type=int, help=f"images per sampling batch (default {Settings.batch_size})"
+    )
     parser.add_argument("--steps", type=int, help=f"DDIM steps (default {Settings.steps})")
-    parser.add_argument("--repeats", type=int, help=f"timed repetitions per pair (default {Settings.repeats})")
-    parser.add_argument("--threads", type=int,
-                        help="torch threads (default: torch's own; 1 is steadier on a busy machine)")
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON file to write (default: %(default)s)")
+    parser.add_argument(
+        "--repeats", type=int, help=f"timed repetitions per pair (default {Settings.repeats})"
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's own; 1 is steadier on a busy machine)"
+    )
+    parser.add_argument(
+        "--output",
+        default="results/perf",
+        help="folder for perf.json (default: %(default)s, under the current folder)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repetition: a smoke run")
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "repeats", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    result = run(quick=args.quick, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats,
-                 threads=args.threads, output=args.output, log=lambda message: print(message, file=sys.stderr))
+    result = run(
+        quick=args.quick,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        repeats=args.repeats,
+        threads=args.threads,
+        output=Path(args.output) / "perf.json",
+        log=lambda message: print(message, file=sys.stderr),
+    )
     print(format_table(result))
     return 0
 

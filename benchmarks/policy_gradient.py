@@ -47,26 +47,51 @@ VARIANTS: dict[str, list[str]] = {
     "ddpo-gaussian-lr3e-4": ["method=ddpo", "lora.init=gaussian", "train.learning_rate=3e-4"],
     # ... training a random quarter of each trajectory's steps instead of half: the update's cost
     # (about 60 % of an epoch) halves, the number of optimiser steps per epoch stays.
-    "ddpo-gaussian-lr3e-4-tf25": ["method=ddpo", "lora.init=gaussian", "train.learning_rate=3e-4",
-                                  "train.timestep_fraction=0.25"],
+    "ddpo-gaussian-lr3e-4-tf25": [
+        "method=ddpo",
+        "lora.init=gaussian",
+        "train.learning_rate=3e-4",
+        "train.timestep_fraction=0.25",
+    ],
     # ... with randomness and training confined to the first 8 of 20 steps, where ShapesWorld's
     # layouts are decided (MixGRPO's window, Li et al. 2025): the reward is credited to those steps only.
-    "ddpo-window-0-7": ["method=ddpo", "lora.init=gaussian", "train.learning_rate=3e-4",
-                        "sample.stochastic_steps=[0, 7]"],
+    "ddpo-window-0-7": [
+        "method=ddpo",
+        "lora.init=gaussian",
+        "train.learning_rate=3e-4",
+        "sample.stochastic_steps=[0, 7]",
+    ],
     # ... as GRPO over groups of 8 sharing one x_T (DanceGRPO) with the same window: within a group
     # only the window's noise differs, so advantages credit exactly the steps that are trained.
-    "grpo-window-shared-noise": ["method=grpo", "lora.init=gaussian", "train.learning_rate=3e-4",
-                                 "sample.images_per_prompt=8", "sample.shared_initial_noise=true",
-                                 "sample.stochastic_steps=[0, 7]"],
+    "grpo-window-shared-noise": [
+        "method=grpo",
+        "lora.init=gaussian",
+        "train.learning_rate=3e-4",
+        "sample.images_per_prompt=8",
+        "sample.shared_initial_noise=true",
+        "sample.stochastic_steps=[0, 7]",
+    ],
     # The recipe (diffalign/presets/grpo.yaml): the above for 40 epochs, the run length fixed on seeds 1 and 2
     # before seed 0 reached it; longer runs can collapse (docs/studies/policy-gradient.md).
-    "grpo-window-shared-noise-40": ["method=grpo", "lora.init=gaussian", "train.learning_rate=3e-4",
-                                    "sample.images_per_prompt=8", "sample.shared_initial_noise=true",
-                                    "sample.stochastic_steps=[0, 7]", "epochs=40"],
+    "grpo-window-shared-noise-40": [
+        "method=grpo",
+        "lora.init=gaussian",
+        "train.learning_rate=3e-4",
+        "sample.images_per_prompt=8",
+        "sample.shared_initial_noise=true",
+        "sample.stochastic_steps=[0, 7]",
+        "epochs=40",
+    ],
     # ... with Flow-GRPO's KL to the reference (beta 0.04), against the collapse of long runs.
-    "grpo-window-shared-noise-kl": ["method=grpo", "lora.init=gaussian", "train.learning_rate=3e-4",
-                                    "sample.images_per_prompt=8", "sample.shared_initial_noise=true",
-                                    "sample.stochastic_steps=[0, 7]", "grpo.kl_weight=0.04"],
+    "grpo-window-shared-noise-kl": [
+        "method=grpo",
+        "lora.init=gaussian",
+        "train.learning_rate=3e-4",
+        "sample.images_per_prompt=8",
+        "sample.shared_initial_noise=true",
+        "sample.stochastic_steps=[0, 7]",
+        "grpo.kl_weight=0.04",
+    ],
     # What the clip exists for: 4 passes over each epoch's samples.
     "ddpo-ppo4": ["method=ddpo", "lora.init=gaussian", "train.inner_epochs=4"],
     # Group-relative advantages over 8 images per prompt (Flow-GRPO, DanceGRPO).
@@ -171,12 +196,17 @@ def at_budget(run: dict, budget_minutes: float) -> dict | None:
     if not run.get("threads"):
         return None
     curve = run["curves"][TRAIN_ORACLE]
-    inside = [i for i, seconds in enumerate(run["train_seconds"]) if seconds * run["threads"] <= budget_minutes * 60]
+    inside = [
+        i for i, seconds in enumerate(run["train_seconds"]) if seconds * run["threads"] <= budget_minutes * 60
+    ]
     if len(inside) < 2:
         return None
     last = inside[-1]
-    return {"change": curve[last] - curve[0], "cpu_minutes": run["train_seconds"][last] * run["threads"] / 60,
-            "queries": run["queries"][last]}
+    return {
+        "change": curve[last] - curve[0],
+        "cpu_minutes": run["train_seconds"][last] * run["threads"] / 60,
+        "queries": run["queries"][last],
+    }
 
 
 def summarise(runs: list[dict], target_gain: float, budget_minutes: float = 30.0) -> dict:
@@ -187,8 +217,11 @@ def summarise(runs: list[dict], target_gain: float, budget_minutes: float = 30.0
         entry["at_budget"] = readings
         known = [r for r in readings if r is not None]
         # The target is about 3 seeds: fewer cannot meet it, however well they do.
-        entry["target_met_at_budget"] = len(known) >= SEEDS_FOR_TARGET and len(known) == len(readings) and all(
-            r["change"] >= target_gain for r in known)
+        entry["target_met_at_budget"] = (
+            len(known) >= SEEDS_FOR_TARGET
+            and len(known) == len(readings)
+            and all(r["change"] >= target_gain for r in known)
+        )
     return summary
 
 
@@ -210,7 +243,9 @@ def plot(runs: list[dict], summary: dict, path: Path) -> None:
         for run in (r for r in runs if r["variant"] == variant):
             curve = np.array(run["curves"][TRAIN_ORACLE])
             axes[1].plot(
-                np.array(run["train_seconds"]) * (run.get("threads") or 1) / 60,  # CPU minutes: seconds x threads
+                np.array(run["train_seconds"])
+                * (run.get("threads") or 1)
+                / 60,  # CPU minutes: seconds x threads
                 curve - curve[0],
                 color=colour,
                 alpha=0.7,
@@ -252,8 +287,10 @@ def format_table(summary: dict) -> str:
         seeds = ", ".join(f"{value:+.3f}" for value in entry.get("final_per_seed", []))
         count = f"{final[TRAIN_ORACLE]['mean']:+.3f} ± {final[TRAIN_ORACLE]['std']:.3f} ({seeds})"
         held_out = f"{final[HELDOUT_ORACLE]['mean']:+.3f} ± {final[HELDOUT_ORACLE]['std']:.3f}"
-        budget = ", ".join("?" if r is None else f"{r['change']:+.3f} ({r['queries']} q, {r['cpu_minutes']:.0f} min)"
-                           for r in entry.get("at_budget", []))
+        budget = ", ".join(
+            "?" if r is None else f"{r['change']:+.3f} ({r['queries']} q, {r['cpu_minutes']:.0f} min)"
+            for r in entry.get("at_budget", [])
+        )
         met = " — target met" if entry.get("target_met_at_budget") else ""
         lines.append(
             f"{variant:<18} {count:<44} {held_out:<18} "
@@ -297,21 +334,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (torch threads = cores / jobs)")
     parser.add_argument("--threads", type=int, help="torch threads per run instead of cores / jobs")
-    parser.add_argument("--budget-minutes", type=float, default=30.0,
-                        help="CPU minutes per run (training seconds x threads) at which the target is read")
+    parser.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=30.0,
+        help="CPU minutes per run (training seconds x threads) at which the target is read",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run"
     )
-    parser.add_argument("--peer", nargs="+", metavar="[NAME=]DIR",
-                        help="folders of trl_ddpo.py runs (one sub-folder per seed), each shown as NAME (trl-ddpo)")
+    parser.add_argument(
+        "--peer",
+        nargs="+",
+        metavar="[NAME=]DIR",
+        help="folders of trl_ddpo.py runs (one sub-folder per seed), each shown as NAME (trl-ddpo)",
+    )
     parser.add_argument(
         "--output", default="results/policy_gradient", help="folder for the JSON and the plot"
     )
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs of 8 images, small evaluation")
     parser.add_argument("--from-json", metavar="PATH", help="re-summarise and re-plot a finished study")
-    parser.add_argument("--from-runs", nargs="+", metavar="VARIANT=RUN.json",
-                        help="summarise runs trained one by one (each the JSON of seeded_runs.train_one, e.g. "
-                        "from separate machines or sessions) under the variant named before '='")
+    parser.add_argument(
+        "--from-runs",
+        nargs="+",
+        metavar="VARIANT=RUN.json",
+        help="summarise runs trained one by one (each the JSON of seeded_runs.train_one, e.g. "
+        "from separate machines or sessions) under the variant named before '='",
+    )
     args = parser.parse_args(argv)
     output = Path(args.output)
     if args.from_runs:
@@ -319,13 +368,22 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.from_runs:
             variant, _, path = item.partition("=")
             if variant not in VARIANTS or not path:
-                parser.error(f"--from-runs takes VARIANT=RUN.json with a variant of {', '.join(VARIANTS)}; got {item!r}")
+                parser.error(
+                    f"--from-runs takes VARIANT=RUN.json with a variant of {', '.join(VARIANTS)}; got {item!r}"
+                )
             runs.append({**json.loads(Path(path).read_text("utf-8")), "variant": variant})
         runs += read_peers(args.peer)
-        study = Study(seeds=sorted({r["seed"] for r in runs}), variants=list(dict.fromkeys(r["variant"] for r in runs)),
-                      budget_minutes=args.budget_minutes, extra=args.set)
-        result = {"study": asdict(study), "runs": runs,
-                  "summary": summarise(runs, study.target_gain, args.budget_minutes)}
+        study = Study(
+            seeds=sorted({r["seed"] for r in runs}),
+            variants=list(dict.fromkeys(r["variant"] for r in runs)),
+            budget_minutes=args.budget_minutes,
+            extra=args.set,
+        )
+        result = {
+            "study": asdict(study),
+            "runs": runs,
+            "summary": summarise(runs, study.target_gain, args.budget_minutes),
+        }
         _per_seed(runs, result["summary"])
     elif args.from_json:
         result = json.loads(Path(args.from_json).read_text("utf-8"))

@@ -68,7 +68,13 @@ def run_grid(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=work_dir) as folder:
         tasks = [
-            (variant, seed, overrides(variant, seed, Path(folder) / f"{_slug(variant)}-seed{seed}"), keys, threads)
+            (
+                variant,
+                seed,
+                overrides(variant, seed, Path(folder) / f"{_slug(variant)}-seed{seed}"),
+                keys,
+                threads,
+            )
             for variant in variants
             for seed in seeds
         ]
@@ -77,8 +83,12 @@ def run_grid(
         else:
             with ProcessPoolExecutor(max_workers=jobs) as pool:
                 runs = list(pool.map(train_one, tasks))
-    execution = {"jobs": jobs, "threads_per_run": threads, "cpu_count": cores,
-                 "wall_seconds": time.perf_counter() - started}
+    execution = {
+        "jobs": jobs,
+        "threads_per_run": threads,
+        "cpu_count": cores,
+        "wall_seconds": time.perf_counter() - started,
+    }
     return runs, execution
 
 
@@ -102,8 +112,10 @@ def summarise(runs: list[dict], keys: list[str], target_key: str, target_gain: f
     for variant in dict.fromkeys(run["variant"] for run in runs):
         group = [run for run in runs if run["variant"] == variant]
         present = [key for key in keys if all(run["curves"].get(key) for run in group)]
-        common = min([len(run["queries"]) for run in group] + [len(run["curves"][key]) for run in group
-                                                               for key in present])
+        common = min(
+            [len(run["queries"]) for run in group]
+            + [len(run["curves"][key]) for run in group for key in present]
+        )
         deltas = {
             key: np.array([np.array(run["curves"][key][:common]) - run["curves"][key][0] for run in group])
             for key in present
@@ -119,9 +131,12 @@ def summarise(runs: list[dict], keys: list[str], target_key: str, target_gain: f
             "queries_to_target": [
                 queries_to_reach(run["queries"], deltas[target_key][i].tolist(), target_gain)
                 for i, run in enumerate(group)
-            ] if target_key in deltas else [],
+            ]
+            if target_key in deltas
+            else [],
             "final_change": {
-                key: {"mean": float(d[:, -1].mean()), "std": float(d[:, -1].std())} for key, d in deltas.items()
+                key: {"mean": float(d[:, -1].mean()), "std": float(d[:, -1].std())}
+                for key, d in deltas.items()
             },
             "seconds_mean": float(np.mean([run["seconds"] for run in group])),
         }

@@ -28,8 +28,6 @@ from diffalign.shapes import correct, parse, render, scene_for, score
 from diffalign.shapes.grammar import KINDS
 from diffalign.shapes.splits import prompts as split_prompts
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def draw_prompts(split: str, kind: str, count: int, seed: int) -> list[str]:
     """``count`` prompts of a split and kind, drawn with replacement reproducibly."""
@@ -38,7 +36,9 @@ def draw_prompts(split: str, kind: str, count: int, seed: int) -> list[str]:
     return [pool[i] for i in rng.integers(len(pool), size=count)]
 
 
-def generate(pipe, prompts: list[str], *, steps: int, guidance: float, seed: int, batch: int = 32) -> torch.Tensor:
+def generate(
+    pipe, prompts: list[str], *, steps: int, guidance: float, seed: int, batch: int = 32
+) -> torch.Tensor:
     """Deterministic (η = 0) generations from seeded noise, ``[N, 3, H, W]`` in [0, 1]."""
     generator = torch.Generator().manual_seed(seed)
     latents = initial_latents(pipe, len(prompts), generator)
@@ -46,7 +46,12 @@ def generate(pipe, prompts: list[str], *, steps: int, guidance: float, seed: int
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         trajectory = sample(
-            pipe, chunk, num_steps=steps, guidance_scale=guidance, eta=0.0, latents=latents[start : start + len(chunk)]
+            pipe,
+            chunk,
+            num_steps=steps,
+            guidance_scale=guidance,
+            eta=0.0,
+            latents=latents[start : start + len(chunk)],
         )
         images.append(trajectory.images)
     return torch.cat(images)
@@ -64,7 +69,13 @@ def sampling_seconds(pipe, steps: int, repeats: int = 3) -> float:
     times = []
     for repeat in range(repeats + 1):
         started = time.perf_counter()
-        sample(pipe, prompts, num_steps=steps, guidance_scale=5.0, generator=torch.Generator().manual_seed(repeat))
+        sample(
+            pipe,
+            prompts,
+            num_steps=steps,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(repeat),
+        )
         times.append(time.perf_counter() - started)
     return float(np.median(times[1:]))
 
@@ -76,9 +87,11 @@ def run(
     steps: int = 20,
     guidances: tuple[float, ...] = (5.0,),
     seed: int = 0,
-    output: Path | None = RESULTS / "shapes_quality.json",
-    grids: Path | None = RESULTS / "shapes_quality",
+    output: Path | None = None,
+    grids: Path | None = None,
 ) -> dict:
+    """Oracle scores of ``model``'s images per split and kind; written as JSON to ``output`` and
+    sample grids into ``grids`` when they are given (``main``: ``./results/shapes_quality/``)."""
     pipe = pipeline.load(model)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     result: dict = {"model": model, "per_cell": per_cell, "steps": steps, "seed": seed, "by_guidance": {}}
@@ -90,14 +103,20 @@ def run(
                 images = generate(pipe, prompts, steps=steps, guidance=guidance, seed=seed)
                 scores = [score(image, p) for image, p in zip(images, prompts)]
                 exact = [correct(image, p) for image, p in zip(images, prompts)]
-                cells[f"{split}/{kind}"] = {"oracle_mean": float(np.mean(scores)), "exact": float(np.mean(exact))}
+                cells[f"{split}/{kind}"] = {
+                    "oracle_mean": float(np.mean(scores)),
+                    "exact": float(np.mean(exact)),
+                }
                 if grids is not None and guidance == guidances[0]:
                     shown = 8
                     side_by_side = torch.stack([renders(prompts[:shown], seed, size), images[:shown]], dim=1)
                     captions = [f"{label}: {p}" for p in prompts[:shown] for label in ("render", "model")]
                     plots.save_grid(
-                        side_by_side.flatten(0, 1), captions, grids / f"{split}-{kind}.png",
-                        scores=[v for s in scores[:shown] for v in (1.0, s)], columns=4,
+                        side_by_side.flatten(0, 1),
+                        captions,
+                        grids / f"{split}-{kind}.png",
+                        scores=[v for s in scores[:shown] for v in (1.0, s)],
+                        columns=4,
                         title=f"{model}: {split} {kind} prompts (render | generation, oracle score)",
                     )
         result["by_guidance"][str(guidance)] = cells
@@ -114,8 +133,10 @@ def format_table(result: dict) -> str:
     for guidance, cells in result["by_guidance"].items():
         for cell, values in cells.items():
             lines.append(f"{guidance:>8}  {cell:<18} {values['oracle_mean']:11.3f} {values['exact']:7.3f}")
-    lines.append(f"sampling 8 images x 20 DDIM steps: {result['sampling_seconds_8_images_20_steps']:.2f} s "
-                 f"({result['torch_threads']} torch threads)")
+    lines.append(
+        f"sampling 8 images x 20 DDIM steps: {result['sampling_seconds_8_images_20_steps']:.2f} s "
+        f"({result['torch_threads']} torch threads)"
+    )
     return "\n".join(lines)
 
 
@@ -126,13 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, nargs="+", default=[5.0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=str(RESULTS / "shapes_quality.json"))
+    parser.add_argument(
+        "--output",
+        default="results/shapes_quality",
+        help="folder for shapes_quality.json and the grids (default: %(default)s, under the current folder)",
+    )
     parser.add_argument("--quick", action="store_true", help="8 prompts per cell, 5 steps")
     args = parser.parse_args(argv)
     if args.quick:
         args.per_cell, args.steps = 8, 5
-    result = run(args.model, per_cell=args.per_cell, steps=args.steps, guidances=tuple(args.guidance),
-                 seed=args.seed, output=Path(args.output), grids=Path(args.output).with_suffix(""))
+    result = run(
+        args.model,
+        per_cell=args.per_cell,
+        steps=args.steps,
+        guidances=tuple(args.guidance),
+        seed=args.seed,
+        output=Path(args.output) / "shapes_quality.json",
+        grids=Path(args.output),
+    )
     print(format_table(result))
     return 0
 

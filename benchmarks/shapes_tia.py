@@ -37,8 +37,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from diffalign import outputs
 from diffalign.config import doc
 from diffalign.errors import DiffalignError
 from diffalign.shapes.grammar import KINDS
@@ -91,7 +90,9 @@ class ShapesTiaConfig:
         if not 0.0 <= self.noise <= 1.0:
             raise ShapesTiaError(f"shapes-TIA noise is a probability in [0, 1], got {self.noise}")
         if not self.guidance_scales:
-            raise ShapesTiaError("shapes-TIA guidance_scales needs at least one scale, e.g. (1.0, 2.0, 3.0, 5.0)")
+            raise ShapesTiaError(
+                "shapes-TIA guidance_scales needs at least one scale, e.g. (1.0, 2.0, 3.0, 5.0)"
+            )
 
 
 def clean_label(detector_score: float) -> int:
@@ -185,20 +186,11 @@ def make(folder: str | Path, config: ShapesTiaConfig = ShapesTiaConfig(), *, pro
 
 
 def _build(folder: Path, config: ShapesTiaConfig, progress: bool) -> None:
-    """Generate into a temporary sibling folder, then rename it to ``folder`` in one step."""
+    """Generate into a temporary sibling folder, then rename it to ``folder`` in one step (a set
+    another process finished first is kept: ``FileExistsError``)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the data is meant to be read by anyone
-    try:
+    with outputs.staging_folder(folder, replace=False) as staging:
         _generate(staging, config, progress)
-        try:
-            os.replace(staging, folder)
-        except OSError as error:
-            if folder.is_dir() and any(folder.iterdir()):
-                raise FileExistsError(f"{folder} was created while shapes-TIA was being generated") from error
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _generate(folder: Path, config: ShapesTiaConfig, progress: bool) -> None:

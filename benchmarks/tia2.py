@@ -54,9 +54,7 @@ import difflib
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -71,7 +69,7 @@ from scipy.stats import kendalltau, spearmanr
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm.auto import tqdm
 
-from diffalign import images, rewards
+from diffalign import images, outputs, rewards
 from diffalign.errors import DiffalignError
 
 SHAPES_TIA = shapes_tia.NAME  # the built-in dataset, generated on first use
@@ -87,7 +85,7 @@ COUNTS: tuple[str, ...] = (
     "images_missing",
 )
 LABELS: frozenset[int] = frozenset({1, 0, -1})
-RESULTS = Path(__file__).resolve().parent / "results" / "tia2"
+RESULTS = Path("results") / "tia2"  # the default output, under the current folder
 SCORE_CACHE = ".diffalign-scores"  # folder beside the data that holds cached scores
 _LABEL_FILE_PREFIX = "human_labels_"  # how the TextNorm repository names its files
 
@@ -313,7 +311,7 @@ def _score_batch(reward: Reward, reward_name: str, batch: Sequence[tuple[str, En
         stacked = torch.stack([pixels[i] for i in indices])  # [b, 3, H, W]
         try:
             result = rewards.checked_call(reward, stacked, [batch[i][1].caption for i in indices])
-        except Exception as error:  # noqa: BLE001 - any failure is reported with the batch that caused it
+        except Exception as error:  # any failure is reported with the batch that caused it
             keys = [f"{batch[i][0]}/{batch[i][1].key}" for i in indices]
             shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
             raise TIA2Error(
@@ -347,26 +345,12 @@ def _write_cache(path: Path, reward_name: str, options: dict, fingerprint: str, 
     record = {"reward": reward_name, "options": options, "fingerprint": fingerprint, "scores": scores}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, json.dumps(record, default=str))
+        outputs.write_text(path, json.dumps(record, default=str))
     except OSError as error:
         raise TIA2Error(
             f"cannot write the TIA2 score cache {path} ({error}); choose another folder with "
             "--cache-dir (cache_dir=...) or turn the cache off with --no-cache (cache=False)"
         ) from error
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: readers (and a run
-    that is interrupted) see the old file or the new one, never half of one."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a cache beside shared data should be readable
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def precision_at_k(scores: np.ndarray, aligned: np.ndarray, k: int) -> float:
@@ -541,8 +525,6 @@ def _json_safe(value):
 def save_chart(result: dict, path: Path) -> Path:
     """Bars of mean AUROC and AUPRC per subset, one colour per reward (chance AUROC dashed)."""
     import matplotlib.pyplot as plt
-
-    from diffalign import plots  # noqa: F401 - selects matplotlib's file-only backend (Agg)
 
     subsets, reward_names = result["subsets"], list(result["results"])
     width = 0.8 / len(reward_names)

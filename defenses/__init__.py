@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from diffusers import DiffusionPipeline
-
 from diffalign.defenses import advdm, diffusionguard, photoguard
 from diffalign.defenses.common import (
     MaskAugmentation,
@@ -30,6 +28,7 @@ from diffalign.defenses.common import (
     ProtectionResult,
     augment_mask,
 )
+from diffusers import DiffusionPipeline
 
 METHODS: dict[str, Callable[..., ProtectionResult]] = {
     "diffusionguard": diffusionguard.protect,

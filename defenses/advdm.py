@@ -25,9 +25,6 @@ masked image). For v-prediction models the target is the velocity instead of ε.
 from __future__ import annotations
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionInpaintPipeline
-from diffusers.utils.torch_utils import randn_tensor
-
 from diffalign.defenses.common import (
     MaskAugmentation,
     PassCounter,
@@ -39,6 +36,9 @@ from diffalign.defenses.common import (
     seeded,
 )
 from diffalign.defenses.diffusionguard import BUDGET, STEP_SIZE, STEPS
+from diffusers import DDPMScheduler, StableDiffusionInpaintPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
 from diffalign.inpainting import check_inpainting_unet, encode_text, inpainting_condition, inpainting_unet
 
 

@@ -22,15 +22,19 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 
 from diffalign.errors import DiffalignError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11
 
 # (step done, total steps, objective value at that step) -> None; raise to cancel.
 ProgressCallback = Callable[[int, int, float], None]
@@ -274,7 +278,7 @@ class PassCounter:
         self._start = 0.0
         self.seconds = 0.0
 
-    def __enter__(self) -> "PassCounter":
+    def __enter__(self) -> Self:
         for name, modules in self._modules.items():
             for module in modules:
                 self._handles.append(module.register_forward_hook(self._counter(name)))

@@ -29,10 +29,6 @@ Stable Diffusion's PNDM or DDIM ("leading" spacing) and not 999.
 from __future__ import annotations
 
 import torch
-from diffusers import StableDiffusionInpaintPipeline
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
-
 from diffalign.defenses.common import (
     MaskAugmentation,
     PassCounter,
@@ -44,6 +40,10 @@ from diffalign.defenses.common import (
     prepare_inputs,
     seeded,
 )
+from diffusers import StableDiffusionInpaintPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+
 from diffalign.inpainting import check_inpainting_unet, encode_text, inpainting_condition, inpainting_unet
 
 # The reference implementation's settings, in [0, 1] pixel units.
@@ -75,7 +75,7 @@ def noise_prediction_norm(
     pipe: StableDiffusionInpaintPipeline,
     image: torch.Tensor,
     keep_mask: torch.Tensor,
-    timestep: int | float,
+    timestep: float,
     latents: torch.Tensor,
     prompt_embeds: torch.Tensor,
 ) -> torch.Tensor:

@@ -24,8 +24,6 @@ no UNet call; it works with any pipeline that has a VAE.
 from __future__ import annotations
 
 import torch
-from diffusers import DiffusionPipeline
-
 from diffalign.defenses.common import (
     MaskAugmentation,
     PassCounter,
@@ -37,6 +35,7 @@ from diffalign.defenses.common import (
     seeded,
 )
 from diffalign.defenses.diffusionguard import BUDGET, STEP_SIZE, STEPS
+from diffusers import DiffusionPipeline
 
 
 def encoder_distance(

@@ -65,7 +65,9 @@ def save(
         if lora:
             pipeline.save_lora(unet, staging / "lora")
         else:
-            save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(staging / "unet.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in unet.state_dict().items()}, str(staging / "unet.safetensors")
+            )
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(method_state, staging / "method.pt")
         (staging / "trainer_state.json").write_text(json.dumps({"epoch": epoch, **trainer_state}), "utf-8")

@@ -2,7 +2,13 @@
 
 A run's configuration is built in layers — the dataclass defaults, the preset of the chosen
 method, the user's YAML file, then ``--set section.key=value`` overrides — and validated once,
-here, with messages that name the field and suggest the closest valid one.
+at load, with messages that name the field and suggest the closest valid one.
+
+``TrainConfig`` is ``CommonConfig`` (the sections every run has) plus one section per registered
+method (``diffalign.optim``), under the method's name: the method file declares its section, so
+adding a method adds its keys here. Each section checks its own fields (``validate``); the
+chosen method checks what it needs from the rest (``Method.validate``); ``validate`` below checks
+what ties sections together, and the names of models, rewards and prompt sets.
 """
 
 from __future__ import annotations
@@ -13,11 +19,10 @@ import math
 import re
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -59,10 +64,14 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_Loader.add_implicit_resolver(_INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
 _Loader.add_implicit_resolver(
     _FLOAT,
-    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
     list("-+0123456789."),
 )
 
@@ -91,10 +100,10 @@ _YAML_1_1_BOOLEANS = {"yes": True, "y": True, "on": True, "no": False, "n": Fals
 
 def yaml_load(text: str):
     """Parse a config document or value with ``_Loader`` (YAML 1.2 scalars)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
 
 
-def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call sites
+def doc(default: Any, help: str) -> Any:  # "help" reads best at the call sites
     """A dataclass field with its documentation attached (shown by ``diffalign train --help``)."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
@@ -116,8 +125,17 @@ class LoraSection:
         "ddpo-pytorch and trl; the up-projection starts at 0 either way, so the model starts unchanged",
     )
     target_modules: list = doc(
-        ["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA matrices (peft names; attention by default)"
+        ["to_q", "to_k", "to_v", "to_out.0"],
+        "UNet modules that get LoRA matrices (peft names; attention by default)",
     )
+
+    def validate(self, config: CommonConfig) -> None:
+        at_least_one("lora", self, ("rank",))
+        if self.init not in LORA_INITS:
+            raise ConfigError(
+                f"unknown lora.init {self.init!r}.{_suggest(self.init, list(LORA_INITS))} "
+                f"Choose one of: {', '.join(LORA_INITS)}."
+            )
 
 
 @dataclass
@@ -129,17 +147,41 @@ class SampleSection:
     guidance_scale: float = doc(5.0, "classifier-free guidance scale")
     negative_prompt: str = doc("", "unconditional prompt for classifier-free guidance")
     batch_size: int = doc(16, "images per sampling batch on each process")
-    num_batches_per_epoch: int = doc(2, "sampling batches per epoch; samples/epoch = this x batch_size x processes")
+    num_batches_per_epoch: int = doc(
+        2, "sampling batches per epoch; samples/epoch = this x batch_size x processes"
+    )
     images_per_prompt: int = doc(
         4, "images sampled per drawn prompt in a batch, so advantages compare images of the same prompt"
     )
     stochastic_steps: list = doc(
-        [], "[first, last]: only these denoising steps (0-based, inclusive) are sampled with eta and trained "
-        "by ddpo/grpo, the rest run deterministically (MixGRPO's window); [] = every step"
+        [],
+        "[first, last]: only these denoising steps (0-based, inclusive) are sampled with eta and trained "
+        "by ddpo/grpo, the rest run deterministically (MixGRPO's window); [] = every step",
     )
     shared_initial_noise: bool = doc(
-        False, "the images of one prompt start from the same x_T (group-shared noise; see benchmarks/gradient_snr.py)"
+        False,
+        "the images of one prompt start from the same x_T (group-shared noise; see benchmarks/gradient_snr.py)",
     )
+
+    def validate(self, config: CommonConfig) -> None:
+        at_least_one(
+            "sample", self, ("num_steps", "batch_size", "num_batches_per_epoch", "images_per_prompt")
+        )
+        window, steps = self.stochastic_steps, self.num_steps
+        if window and (
+            len(window) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in window)
+            or not 0 <= window[0] <= window[1] < steps
+        ):
+            raise ConfigError(
+                f"sample.stochastic_steps must be [first, last] with 0 <= first <= last < sample.num_steps "
+                f"({steps}), got {window}; set sample.stochastic_steps=[] to make every step stochastic"
+            )
+        if self.batch_size % self.images_per_prompt:
+            raise ConfigError(
+                f"sample.batch_size ({self.batch_size}) must be divisible by "
+                f"sample.images_per_prompt ({self.images_per_prompt})"
+            )
 
 
 @dataclass
@@ -150,73 +192,27 @@ class OptimSection:
     gradient_accumulation_steps: int = doc(
         1, "micro-batches per optimizer step (DDPO also accumulates over the trained timesteps)"
     )
-    learning_rate: float = doc(1e-3, "AdamW learning rate (ShapesWorld's small UNet; 5e-3 degrades it; DDPO used 3e-4 for SD 1.5 LoRA)")
+    learning_rate: float = doc(
+        1e-3,
+        "AdamW learning rate (ShapesWorld's small UNet; 5e-3 degrades it; DDPO used 3e-4 for SD 1.5 LoRA)",
+    )
     adam_beta1: float = doc(0.9, "AdamW beta1")
     adam_beta2: float = doc(0.999, "AdamW beta2")
     adam_weight_decay: float = doc(1e-4, "AdamW weight decay")
     adam_epsilon: float = doc(1e-8, "AdamW epsilon")
     max_grad_norm: float = doc(1.0, "gradient clipping norm")
     inner_epochs: int = doc(1, "passes over each epoch's samples")
-    timestep_fraction: float = doc(0.5, "fraction of each trajectory's trainable steps (all, or sample.stochastic_steps) trained on, a random subset")
-
-
-@dataclass
-class DDPOSection:
-    """DDPO (Black et al. 2023): PPO-clip on per-step importance ratios."""
-
-    clip_range: float = doc(1e-2, "PPO clip range on the per-step ratio (DDPO used 1e-4 for SD's 16384-dim latents)")
-    adv_clip_max: float = doc(5.0, "advantages are clipped to [-this, this]")
-    per_prompt_stat_tracking: bool = doc(True, "normalise rewards per prompt with running statistics")
-    stat_buffer_size: int = doc(16, "rewards remembered per prompt for its statistics")
-    stat_min_count: int = doc(4, "below this many rewards for a prompt, use the whole batch's statistics")
-
-
-@dataclass
-class GRPOSection:
-    """GRPO (Shao et al. 2024; on diffusion: Flow-GRPO, Liu et al. 2025; DanceGRPO, Xue et al. 2025)."""
-
-    clip_range: float = doc(1e-2, "PPO clip range on the per-step ratio (as ddpo.clip_range)")
-    adv_clip_max: float = doc(5.0, "advantages are clipped to [-this, this]")
-    std: str = doc("group", "advantage scale: group = each prompt group's own std (Flow-GRPO), batch = the batch's std")
-    kl_weight: float = doc(0.0, "beta: weight of the per-step KL to the reference (the UNet with the LoRA adapter off)")
-
-
-@dataclass
-class DPOKSection:
-    """DPOK (Fan et al. 2023): KL-regularised policy gradient with a value baseline and replay buffer."""
-
-    reward_weight: float = doc(10.0, "alpha: weight of the reward term (advantages are reward minus the value baseline)")
-    kl_weight: float = doc(0.01, "beta: weight of the per-step KL to the pre-trained model (the UNet with LoRA off)")
-    clip_range: float = doc(1e-2, "clip range of the per-step importance ratio, as in the paper's code")
-    buffer_epochs: int = doc(4, "the replay buffer keeps the transitions of this many recent epochs")
-    updates_per_epoch: int = doc(8, "policy updates per epoch, each on train.batch_size transitions drawn from the buffer")
-    value_learning_rate: float = doc(1e-3, "AdamW learning rate of the value network")
-    value_updates_per_epoch: int = doc(8, "value-network updates per epoch, on buffer transitions")
-    value_width: int = doc(64, "hidden width of the value network (latents + timestep + pooled text -> expected reward)")
-
-
-@dataclass
-class AlignPropSection:
-    """AlignProp (Prabhudesai et al. 2023): backpropagate a differentiable reward through sampling."""
-
-    truncation_steps: int = doc(2, "K: gradients flow through the last K denoising steps (earlier ones run without)")
-    random_truncation: bool = doc(
-        True, "draw K uniformly from 1..truncation_steps for every update (randomised truncated backprop)"
+    timestep_fraction: float = doc(
+        0.5,
+        "fraction of each trajectory's trainable steps (all, or sample.stochastic_steps) trained on, a random subset",
     )
-    checkpoint_unet: bool = doc(True, "gradient-checkpoint every UNet call with gradients (memory ~ one call)")
-    reward_scale: float = doc(1.0, "the loss is -reward_scale x mean reward")
 
-
-@dataclass
-class ReFLSection:
-    """ReFL (Xu et al. 2023): a differentiable reward read from the one-step prediction x̂_0 at a drawn step."""
-
-    first_step: int = doc(15, "first denoising step (0-based) the gradient step is drawn from (the paper: the "
-                          "last quarter of the chain)")
-    last_step: int = doc(19, "last denoising step (0-based, inclusive) the gradient step is drawn from; "
-                         "< sample.num_steps")
-    checkpoint_unet: bool = doc(True, "gradient-checkpoint the UNet call with gradients")
-    reward_scale: float = doc(1.0, "the loss is -reward_scale x mean reward")
+    def validate(self, config: CommonConfig) -> None:
+        at_least_one("train", self, ("batch_size", "gradient_accumulation_steps", "inner_epochs"))
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be positive, got {self.learning_rate}")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"train.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
 
 
 @dataclass
@@ -230,6 +226,32 @@ class DiffExpSection:
     phrase_weight: list = doc([1.0, 1.5], "range of the random weight given to a phrase")
     weighted_phrases: int = doc(1, "phrases (content words) weighted per prompt")
 
+    def validate(self, config: CommonConfig) -> None:
+        if config.exploration == "diffexp":  # the keys are unused otherwise
+            self.check()
+
+    def check(self) -> None:
+        """Reject empty, reversed or negative ranges with a message naming the key."""
+        for key in ("low_guidance", "phrase_weight"):
+            bounds = getattr(self, key)
+            if len(bounds) != 2 or not all(isinstance(v, (int, float)) for v in bounds):
+                raise ConfigError(f"diffexp.{key} must be a [low, high] pair of numbers, got {bounds!r}")
+            low, high = bounds
+            if low < 0 or high < 0:
+                raise ConfigError(f"diffexp.{key} must not be negative, got {bounds!r}")
+            if low > high:
+                raise ConfigError(f"diffexp.{key} is empty: low {low} > high {high}")
+        if self.phrase_weight[1] <= 0:
+            raise ConfigError(
+                f"diffexp.phrase_weight must include a positive weight, got {self.phrase_weight!r}"
+            )
+        if not 0 <= self.low_guidance_fraction <= 1:
+            raise ConfigError(
+                f"diffexp.low_guidance_fraction must be in [0, 1], got {self.low_guidance_fraction}"
+            )
+        if self.weighted_phrases < 1:
+            raise ConfigError(f"diffexp.weighted_phrases must be at least 1, got {self.weighted_phrases}")
+
 
 @dataclass
 class EvalSection:
@@ -240,21 +262,36 @@ class EvalSection:
     prompt_sets: list = doc(
         ["shapes-train", "shapes-heldout"], "prompt sets to evaluate; [] evaluates the training prompts"
     )
-    rewards: list = doc(["shapes-oracle"], "rewards scored besides the training reward (e.g. the exact oracle)")
+    rewards: list = doc(
+        ["shapes-oracle"], "rewards scored besides the training reward (e.g. the exact oracle)"
+    )
     grid_size: int = doc(8, "images of the first prompt set shown in each samples/epoch-NNNN.png")
-    num_steps: int = doc(0, "DDIM steps of the evaluation samples; 0 = sample.num_steps (train with fewer steps "
-                         "than you evaluate with by setting both)")
+    num_steps: int = doc(
+        0,
+        "DDIM steps of the evaluation samples; 0 = sample.num_steps (train with fewer steps "
+        "than you evaluate with by setting both)",
+    )
+
+    def validate(self, config: CommonConfig) -> None:
+        at_least_one("eval", self, ("every", "size", "grid_size"))
+        if self.num_steps < 0:
+            raise ConfigError(
+                f"eval.num_steps must be 0 (= sample.num_steps) or positive, got {self.num_steps}"
+            )
 
 
 @dataclass
-class TrainConfig:
-    """Everything one `diffalign train` run needs."""
+class CommonConfig:
+    """What every `diffalign train` run has; ``TrainConfig`` adds one section per method."""
 
-    method: str = doc("ddpo", "optimisation method: ddpo | grpo | dpok | alignprop | refl")
+    method: str = doc("ddpo", "optimisation method (a registered name, listed above; each has a preset)")
     exploration: str = doc("none", "online sampling exploration: none | diffexp")
-    model: str = doc("shapes", "pipeline: built-in name (shapes, tiny-random), local diffusers folder, or cached hub id")
+    model: str = doc(
+        "shapes", "pipeline: built-in name (shapes, tiny-random), local diffusers folder, or cached hub id"
+    )
     reward: str = doc(
-        "shapes-clip", "reward name (see `diffalign rewards`), or textnorm(NAME[,NAME...]) for TextNorm calibration"
+        "shapes-clip",
+        "reward name (see `diffalign rewards`), or textnorm(NAME[,NAME...]) for TextNorm calibration",
     )
     reward_options: dict = doc({}, "keyword options for the reward, e.g. {checkpoint: /path}")
     prompts: str = doc("shapes-train", "built-in prompt set name or a text file with one prompt per line")
@@ -270,23 +307,63 @@ class TrainConfig:
     lora: LoraSection = doc(LoraSection, "LoRA adapter")
     sample: SampleSection = doc(SampleSection, "online sampling")
     train: OptimSection = doc(OptimSection, "optimizer and updates")
-    ddpo: DDPOSection = doc(DDPOSection, "DDPO")
-    grpo: GRPOSection = doc(GRPOSection, "GRPO")
-    dpok: DPOKSection = doc(DPOKSection, "DPOK")
-    alignprop: AlignPropSection = doc(AlignPropSection, "AlignProp")
-    refl: ReFLSection = doc(ReFLSection, "ReFL")
     diffexp: DiffExpSection = doc(DiffExpSection, "DiffExp exploration")
     eval: EvalSection = doc(EvalSection, "fixed-noise evaluation")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate_keys(self) -> None:
+        """The top-level keys (names of models, rewards and prompt sets are checked by ``validate``)."""
+        at_least_one("", self, ("epochs", "save_every", "keep_checkpoints"))
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
+        if self.exploration not in EXPLORATIONS:
+            raise ConfigError(
+                f"unknown exploration {self.exploration!r}.{_suggest(self.exploration, list(EXPLORATIONS))} "
+                f"Choose one of: {', '.join(EXPLORATIONS)}."
+            )
 
-METHODS = ("ddpo", "grpo", "dpok", "alignprop", "refl")
+
+if TYPE_CHECKING:  # for readers and type checkers; at run time it is built by train_config_class()
+    TrainConfig = CommonConfig
+
 EXPLORATIONS = ("none", "diffexp")
-POLICY_GRADIENT_METHODS = ("ddpo", "grpo", "dpok")
 LORA_INITS = ("default", "gaussian")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+_TRAIN_CONFIG: dict[tuple, type] = {}
+
+
+def train_config_class() -> type:
+    """``TrainConfig``: ``CommonConfig`` with a field per registered method, named after it and
+    holding its section (``config.ddpo.clip_range``), built once per set of methods."""
+    from diffalign import optim
+
+    methods = [info for info in optim.available() if info.section is not None]
+    key = tuple((info.name, info.section) for info in methods)
+    if key not in _TRAIN_CONFIG:
+        fields = [(info.name, info.section, doc(info.section, info.description)) for info in methods]
+        cls = dataclasses.make_dataclass("TrainConfig", fields, bases=(CommonConfig,))
+        cls.__module__ = __name__
+        cls.__doc__ = "Everything one `diffalign train` run needs: the common sections and one per method."
+        _TRAIN_CONFIG[key] = cls
+    return _TRAIN_CONFIG[key]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TrainConfig":  # built from the method registry on first use
+        return train_config_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def at_least_one(prefix: str, section: Any, keys: tuple[str, ...]) -> None:
+    """Refuse any of ``keys`` of ``section`` (config name ``prefix``; "" for the top level) below 1."""
+    for key in keys:
+        value = getattr(section, key)
+        if value < 1:
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{key} must be at least 1, got {value}")
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -419,42 +496,64 @@ def default_job() -> dict:
     """What ``diffalign train`` runs when no method is named: ``presets/default.yaml`` over the
     preset of the method it names. Naming a method starts from that method's preset alone."""
     job = preset("default")
-    return _merge(preset(job.get("method", TrainConfig.method)), job)
+    return _merge(method_preset(job.get("method", CommonConfig.method)), job)
+
+
+def method_preset(method: str) -> dict:
+    """The preset of a registered ``method``: its own file (``Method.preset``), else the shipped
+    ``presets/<method>.yaml``, else ``{}``."""
+    from diffalign import optim
+
+    own = optim.get(method).preset
+    return read_yaml(own) if own is not None else preset(method)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Defaults ← method preset (or the default job's, when no method is named) ← YAML file ←
     ``key=value`` overrides, then validated."""
+    from diffalign import optim
+
     user: dict = read_yaml(path) if path else {}
     for text in overrides:
         user = _merge(user, parse_override(text))
     method = user.get("method")
-    base = default_job() if method is None else preset(method)
-    method = base.get("method", TrainConfig.method) if method is None else method
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}.{_suggest(str(method), list(METHODS))} Methods: {', '.join(METHODS)}.")
-    config = _build(TrainConfig, _merge(base, user))
+    if method is not None:
+        try:
+            optim.get(method)
+        except optim.MethodError as error:
+            raise ConfigError(str(error)) from error
+    base = default_job() if method is None else method_preset(method)
+    config = _build(train_config_class(), _merge(base, user))
     validate(config)
     return config
 
 
 def validate(config: TrainConfig) -> None:
-    """Cross-field checks, run before any model is loaded."""
-    from diffalign import pipeline, prompts, rewards
+    """Checks run before any model is loaded: every section checks its own fields, the chosen
+    method what it needs of the rest, and this function what ties sections together and the
+    names of the model, rewards and prompt sets (through their registries)."""
+    from diffalign import optim, pipeline, prompts, rewards
 
+    try:
+        method = optim.get(config.method)
+    except optim.MethodError as error:
+        raise ConfigError(f"method: {error}") from error
+    for spec in dataclasses.fields(config):
+        section = getattr(config, spec.name)
+        if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
+            section.validate(config)
+    config.validate_keys()
     try:
         pipeline.check_spec(config.model)
     except pipeline.PipelineError as error:
         raise ConfigError(f"model: {error}") from error
-    if config.mixed_precision not in MIXED_PRECISION:
-        raise ConfigError(
-            f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {config.mixed_precision!r}"
-        )
     try:
         rewards.info(config.reward)
     except rewards.RewardError as error:
         raise ConfigError(f"reward: {error}") from error
-    for where, name in [("prompts", config.prompts)] + [("eval.prompt_sets", n) for n in config.eval.prompt_sets]:
+    for where, name in [("prompts", config.prompts)] + [
+        ("eval.prompt_sets", n) for n in config.eval.prompt_sets
+    ]:
         try:
             prompts.load_prompts(name)
         except prompts.PromptSetError as error:
@@ -464,59 +563,12 @@ def validate(config: TrainConfig) -> None:
             rewards.info(name)
         except rewards.RewardError as error:
             raise ConfigError(f"eval.rewards: {error}") from error
-    shapes_sets = [name for name in config.eval.prompt_sets if name.startswith("shapes-")]
-    if shapes_sets and config.model not in ("shapes", "tiny-random"):
+    unfit, what = prompts.unfit_for(config.eval.prompt_sets, config.model)
+    if unfit:  # the rule travels with the prompt set (diffalign.registry.register_prompt_set)
         raise ConfigError(
-            f"eval.prompt_sets {shapes_sets} are ShapesWorld prompts but model is {config.model!r}: set "
+            f"eval.prompt_sets {unfit} are {what} but model is {config.model!r}: set "
             "eval.prompt_sets=[] (evaluates the training prompts) or name prompt sets for your model, and "
             "eval.rewards=[] unless you have an extra reward to watch"
-        )
-    positive = {
-        "epochs": config.epochs,
-        "save_every": config.save_every,
-        "keep_checkpoints": config.keep_checkpoints,
-        "eval.every": config.eval.every,
-        "eval.size": config.eval.size,
-        "eval.grid_size": config.eval.grid_size,
-        "lora.rank": config.lora.rank,
-        "sample.num_steps": config.sample.num_steps,
-        "sample.batch_size": config.sample.batch_size,
-        "sample.num_batches_per_epoch": config.sample.num_batches_per_epoch,
-        "train.batch_size": config.train.batch_size,
-        "train.gradient_accumulation_steps": config.train.gradient_accumulation_steps,
-        "train.inner_epochs": config.train.inner_epochs,
-        "sample.images_per_prompt": config.sample.images_per_prompt,
-    }
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
-    if config.eval.num_steps < 0:
-        raise ConfigError(f"eval.num_steps must be 0 (= sample.num_steps) or positive, got {config.eval.num_steps}")
-    if config.train.learning_rate <= 0:
-        raise ConfigError(f"train.learning_rate must be positive, got {config.train.learning_rate}")
-    if not 0 < config.train.timestep_fraction <= 1:
-        raise ConfigError(f"train.timestep_fraction must be in (0, 1], got {config.train.timestep_fraction}")
-    if config.exploration not in EXPLORATIONS:
-        raise ConfigError(
-            f"unknown exploration {config.exploration!r}.{_suggest(config.exploration, list(EXPLORATIONS))} "
-            f"Choose one of: {', '.join(EXPLORATIONS)}."
-        )
-    if config.exploration == "diffexp":
-        from diffalign.diffexp import ExplorationError, check_section
-
-        try:
-            check_section(config.diffexp)
-        except ExplorationError as error:
-            raise ConfigError(str(error)) from error
-    if config.method in POLICY_GRADIENT_METHODS and config.sample.eta <= 0:
-        raise ConfigError(
-            f"sample.eta must be > 0 for {config.method}: with eta=0 DDIM is deterministic and has no log-prob"
-        )
-    _validate_stochastic_steps(config)
-    if config.sample.batch_size % config.sample.images_per_prompt:
-        raise ConfigError(
-            f"sample.batch_size ({config.sample.batch_size}) must be divisible by "
-            f"sample.images_per_prompt ({config.sample.images_per_prompt})"
         )
     per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
     if per_epoch % config.train.batch_size:
@@ -531,129 +583,44 @@ def validate(config: TrainConfig) -> None:
             f"train.gradient_accumulation_steps ({config.train.gradient_accumulation_steps}), so that no "
             "half-accumulated gradient crosses an epoch (or a checkpoint)"
         )
-    if config.ddpo.clip_range <= 0 or config.ddpo.adv_clip_max <= 0:
-        raise ConfigError("ddpo.clip_range and ddpo.adv_clip_max must be positive")
-    if config.lora.init not in LORA_INITS:
+    _check_needs(config, method)
+    method.validate(config)
+
+
+def _check_needs(config: TrainConfig, method: Any) -> None:
+    """What the chosen method needs (``Method.needs_*``), with what to do instead."""
+    from diffalign import optim, rewards
+
+    if method.needs_stochastic_sampler and config.sample.eta <= 0:
         raise ConfigError(
-            f"unknown lora.init {config.lora.init!r}.{_suggest(config.lora.init, list(LORA_INITS))} "
-            f"Choose one of: {', '.join(LORA_INITS)}."
+            f"sample.eta must be > 0 for {method.name}: with eta=0 DDIM is deterministic and has no log-prob"
         )
-    _validate_grpo(config)
-    _warn_if_clip_is_inert(config)
-    _validate_dpok(config)
-    if config.method in ("alignprop", "refl"):
-        _validate_differentiable(config)
-    if config.method == "alignprop":
-        _validate_alignprop(config)
-    if config.method == "refl":
-        _validate_refl(config)
-
-
-def _validate_grpo(config: TrainConfig) -> None:
-    section = config.grpo
-    if section.clip_range <= 0 or section.adv_clip_max <= 0:
-        raise ConfigError("grpo.clip_range and grpo.adv_clip_max must be positive")
-    if section.std not in ("group", "batch"):
-        raise ConfigError(f"grpo.std must be group or batch, got {section.std!r}")
-    if section.kl_weight < 0:
-        raise ConfigError(f"grpo.kl_weight must not be negative, got {section.kl_weight}")
-    if config.method == "grpo":
-        if config.sample.images_per_prompt < 2:
-            raise ConfigError(
-                "grpo compares the images of one prompt with each other: sample.images_per_prompt must be at "
-                f"least 2, got {config.sample.images_per_prompt}"
-            )
-        if section.kl_weight > 0 and not config.lora.enabled:
-            raise ConfigError(
-                "grpo.kl_weight > 0 regularises towards the model with the LoRA adapter off, so it needs "
-                "lora.enabled=true"
-            )
-
-
-def _warn_if_clip_is_inert(config: TrainConfig) -> None:
-    """PPO's clip only acts on samples trained after the policy has moved: with one pass over the
-    epoch (train.inner_epochs = 1) and a single optimiser step per epoch, every ratio is exactly 1
-    and the run is plain REINFORCE. Allowed (it is a valid choice), but said."""
-    if config.method not in ("ddpo", "grpo") or config.train.inner_epochs > 1:
-        return
-    per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
-    if config.train.batch_size * config.train.gradient_accumulation_steps >= per_epoch:
-        warnings.warn(
-            f"{config.method}: train.gradient_accumulation_steps makes one optimiser step per epoch and "
-            "train.inner_epochs is 1, so every importance ratio is exactly 1 and the PPO clip never acts: "
-            "this run is plain REINFORCE. Set train.inner_epochs > 1 (or fewer accumulation steps) to use the clip.",
-            stacklevel=3,
-        )
-
-
-def _validate_stochastic_steps(config: TrainConfig) -> None:
-    window, steps = config.sample.stochastic_steps, config.sample.num_steps
-    if not window:
-        return
-    if config.method not in ("ddpo", "grpo"):
+    if config.sample.stochastic_steps and not method.uses_stochastic_window:
+        users = " and ".join(info.name for info in optim.available() if info.uses_stochastic_window)
         raise ConfigError(
-            f"sample.stochastic_steps is a window for ddpo and grpo updates; {config.method} does not use it "
+            f"sample.stochastic_steps is a window for {users} updates; {method.name} does not use it "
             "(set sample.stochastic_steps=[])"
         )
-    if (len(window) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in window)
-            or not 0 <= window[0] <= window[1] < steps):
+    if method.needs_lora and not config.lora.enabled:
         raise ConfigError(
-            f"sample.stochastic_steps must be [first, last] with 0 <= first <= last < sample.num_steps ({steps}), "
-            f"got {window}; set sample.stochastic_steps=[] to make every step stochastic"
+            f"{method.name} regularises towards the pre-trained model by switching the LoRA adapter off, so it "
+            "needs lora.enabled=true (no second UNet copy is kept in memory)"
         )
-
-
-def _validate_differentiable(config: TrainConfig) -> None:
-    from diffalign import rewards
-
-    if not rewards.info(config.reward).differentiable:
+    if method.needs_differentiable_reward and not rewards.info(config.reward).differentiable:
         usable = [entry.name for entry in rewards.available() if entry.differentiable]
+        any_reward = " or ".join(
+            f"method={info.name}" for info in optim.available() if not info.needs_differentiable_reward
+        )
         raise ConfigError(
-            f"{config.method} backpropagates through the reward, but {config.reward!r} is not differentiable. "
-            f"Differentiable rewards: {', '.join(usable)}. Use method=ddpo or method=dpok for any reward."
+            f"{method.name} backpropagates through the reward, but {config.reward!r} is not differentiable. "
+            f"Differentiable rewards: {', '.join(usable)}. Use {any_reward} for any reward."
         )
 
 
-def _validate_refl(config: TrainConfig) -> None:
-    section, steps = config.refl, config.sample.num_steps
-    if not 0 <= section.first_step <= section.last_step < steps:
-        raise ConfigError(
-            f"refl.first_step..refl.last_step must be a window of denoising steps 0..{steps - 1} "
-            f"(sample.num_steps={steps}), got {section.first_step}..{section.last_step}"
-        )
-    if section.reward_scale <= 0:
-        raise ConfigError(f"refl.reward_scale must be positive, got {section.reward_scale}")
-
-
-def _validate_alignprop(config: TrainConfig) -> None:
-    steps = config.alignprop.truncation_steps
-    if not 1 <= steps <= config.sample.num_steps:
-        raise ConfigError(
-            f"alignprop.truncation_steps must be between 1 and sample.num_steps ({config.sample.num_steps}), got {steps}"
-        )
-    if config.alignprop.reward_scale <= 0:
-        raise ConfigError(f"alignprop.reward_scale must be positive, got {config.alignprop.reward_scale}")
-
-
-def _validate_dpok(config: TrainConfig) -> None:
-    section = config.dpok
-    if config.method == "dpok" and not config.lora.enabled:
-        raise ConfigError(
-            "dpok regularises towards the pre-trained model by switching the LoRA adapter off, so it needs "
-            "lora.enabled=true (no second UNet copy is kept in memory)"
-        )
-    for key in ("buffer_epochs", "updates_per_epoch", "value_updates_per_epoch", "value_width"):
-        if getattr(section, key) < 1:
-            raise ConfigError(f"dpok.{key} must be at least 1, got {getattr(section, key)}")
-    for key in ("reward_weight", "clip_range", "value_learning_rate"):
-        if getattr(section, key) <= 0:
-            raise ConfigError(f"dpok.{key} must be positive, got {getattr(section, key)}")
-    if section.kl_weight < 0:
-        raise ConfigError(f"dpok.kl_weight must not be negative, got {section.kl_weight}")
-
-
-def describe(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted key, default, help)`` for every field: the reference shown by ``--help``."""
+def describe(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted key, default, help)`` for every field of ``cls`` (``TrainConfig``): the reference
+    shown by ``--help``."""
+    cls = train_config_class() if cls is None else cls
     rows = []
     instance = cls()
     for spec in dataclasses.fields(cls):

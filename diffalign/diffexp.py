@@ -34,10 +34,11 @@ from diffalign.config import DiffExpSection
 from diffalign.errors import DiffalignError
 
 # Words that carry no content of their own and are never weighted.
-FUNCTION_WORDS = frozenset(
+_FUNCTION_WORDS = (
     "a an the of and or with without on in at to from by for into onto over under above below "
-    "left right next near beside behind front is are be its their his her this that these those".split()
+    "left right next near beside behind front is are be its their his her this that these those"
 )
+FUNCTION_WORDS = frozenset(_FUNCTION_WORDS.split())
 _COMPEL_SYNTAX = re.compile(r"[()\[\]+]|\.blend\(|\.and\(|\bAND\b")
 
 
@@ -83,13 +84,17 @@ def guidance_schedule(
 class DiffExp:
     """Draws DiffExp's guidance schedules and phrase weights for a pipeline's prompts."""
 
-    def __init__(self, pipe: StableDiffusionPipeline, section: DiffExpSection, guidance_scale: float, num_steps: int):
-        check_section(section)
+    def __init__(
+        self, pipe: StableDiffusionPipeline, section: DiffExpSection, guidance_scale: float, num_steps: int
+    ):
+        section.check()
         self.pipe = pipe
         self.section = section
         self.guidance_scale = guidance_scale
         self.num_steps = num_steps
-        self.compel = Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, truncate_long_prompts=True)
+        self.compel = Compel(
+            tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, truncate_long_prompts=True
+        )
 
     def check_prompts(self, prompts: list[str]) -> None:
         """Refuse prompts whose weighting compel would misread, naming the first bad one."""
@@ -130,24 +135,3 @@ class DiffExp:
             weighted = list(prompts)
         embeds = self.compel(weighted)
         return Exploration(scales, embeds, weighted)
-
-
-def check_section(section: DiffExpSection) -> None:
-    """Reject empty, reversed or negative ranges with a message naming the key."""
-    for key in ("low_guidance", "phrase_weight"):
-        bounds = getattr(section, key)
-        if len(bounds) != 2 or not all(isinstance(v, (int, float)) for v in bounds):
-            raise ExplorationError(f"diffexp.{key} must be a [low, high] pair of numbers, got {bounds!r}")
-        low, high = bounds
-        if low < 0 or high < 0:
-            raise ExplorationError(f"diffexp.{key} must not be negative, got {bounds!r}")
-        if low > high:
-            raise ExplorationError(f"diffexp.{key} is empty: low {low} > high {high}")
-    if section.phrase_weight[1] <= 0:
-        raise ExplorationError(f"diffexp.phrase_weight must include a positive weight, got {section.phrase_weight!r}")
-    if not 0 <= section.low_guidance_fraction <= 1:
-        raise ExplorationError(
-            f"diffexp.low_guidance_fraction must be in [0, 1], got {section.low_guidance_fraction}"
-        )
-    if section.weighted_phrases < 1:
-        raise ExplorationError(f"diffexp.weighted_phrases must be at least 1, got {section.weighted_phrases}")

@@ -24,7 +24,9 @@ def describe_os_error(error: OSError) -> str:
     if error.errno == errno.EDQUOT:
         return f"disk quota exceeded while writing{where}: free some space in your quota and run again"
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"permission denied for{where or ' a file'}: {error.strerror}; choose a folder you can write to"
+        return (
+            f"permission denied for{where or ' a file'}: {error.strerror}; choose a folder you can write to"
+        )
     if error.errno == errno.ENOTDIR:
         return f"a path component of{where} is a file, not a folder: {error.strerror}"
     if error.errno == errno.EISDIR:

@@ -61,7 +61,9 @@ class Evaluator:
         self.grid_size = grid_size
         self.batch_size = batch_size
 
-    def _images(self, pipe: StableDiffusionPipeline, prompts: list[str], accelerator: Accelerator) -> torch.Tensor:
+    def _images(
+        self, pipe: StableDiffusionPipeline, prompts: list[str], accelerator: Accelerator
+    ) -> torch.Tensor:
         chunks = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
@@ -88,7 +90,9 @@ class Evaluator:
         scores: dict[str, dict[str, torch.Tensor]] = {}
         for index, (name, prompts) in enumerate(self.prompts.items()):
             images = self._images(pipe, prompts, accelerator)
-            scores[name] = {reward.name: checked_call(reward, images, prompts).cpu() for reward in self.rewards}
+            scores[name] = {
+                reward.name: checked_call(reward, images, prompts).cpu() for reward in self.rewards
+            }
             if index == 0 and grid_epoch is not None:
                 shown = min(self.grid_size, len(prompts))
                 first = self.rewards[0].name
@@ -107,6 +111,7 @@ class Evaluator:
         """Sample every set under the current weights, score, save the grid; returns the mean metrics."""
         scores = self.scores(pipe, accelerator, grid_epoch=epoch)
         return {
-            f"eval/{name}/{reward}": values.mean().item() for name, by_reward in scores.items()
+            f"eval/{name}/{reward}": values.mean().item()
+            for name, by_reward in scores.items()
             for reward, values in by_reward.items()
         }

@@ -61,7 +61,9 @@ def normalise(image: Image.Image, *, name: str = "image") -> Image.Image:
     try:
         return image.convert("RGBA" if transparent else "RGB")
     except (ValueError, OSError) as error:
-        raise ImageError(f"{name} has Pillow mode {mode!r}, which diffalign cannot convert to RGB ({error})") from error
+        raise ImageError(
+            f"{name} has Pillow mode {mode!r}, which diffalign cannot convert to RGB ({error})"
+        ) from error
 
 
 def open_image(path: str | Path, *, role: str = "image") -> Image.Image:
@@ -126,3 +128,14 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
     with outputs.replacing(path) as temporary:
         to_pil(image).save(temporary, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
     return path
+
+
+def psnr(reference: torch.Tensor, other: torch.Tensor, *, max_db: float | None = None) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1], in float64: of two ``[3, H, W]``
+    images, or the mean over images of two batches ``[..., 3, H, W]`` (each image's PSNR, then the
+    mean). Identical images give inf, or ``max_db`` when it is given (a batch mean stays finite)."""
+    error = (reference.double() - other.double()).pow(2).flatten(-3).mean(-1)  # [...], per image
+    decibels = -10 * torch.log10(error)  # inf where the images are identical
+    if max_db is not None:
+        decibels = decibels.clamp(max=max_db)
+    return float(decibels.mean())

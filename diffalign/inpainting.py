@@ -24,10 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, StableDiffusionInpaintPipeline, UNet2DConditionModel
 
-from diffalign.pipeline import PipelineError, from_pretrained, sd_ddim_scheduler, tiny_random_pipeline
-
-TINY_RANDOM_INPAINT = "tiny-random-inpaint"
-SHAPES_INPAINT = "shapes-inpaint"
+from diffalign.pipeline import PipelineError, builtin_names, resolve, sd_ddim_scheduler, tiny_random_pipeline
 
 
 def tiny_random_inpaint_pipeline(seed: int = 0) -> StableDiffusionInpaintPipeline:
@@ -60,11 +57,12 @@ def load_inpainting(
     """A ``StableDiffusionInpaintPipeline`` with a 9-channel UNet, or a ``PipelineError`` that says why not.
 
     ``spec`` is a pipeline object (a ``StableDiffusionInpaintPipeline``, or any pipeline with
-    the same components, which is rebuilt as one), a local pipeline folder, a Hugging Face hub
-    id already in the local cache, ``shapes-inpaint`` (the shipped ShapesWorld editor,
-    ``diffalign.shapes.inpaint_training``) or ``tiny-random-inpaint`` (random weights, for
-    tests; ``seed`` picks them). The pipeline keeps its own scheduler: it is the editor's, and
-    the defenses read the attacked timestep from it.
+    the same components, which is rebuilt as one), a registered inpainting name
+    (``builtin_names("inpainting")``: ``tiny-random-inpaint``, random weights for tests that
+    ``seed`` picks, and what providers add, such as ShapesWorld's ``shapes-inpaint``), a local
+    pipeline folder or a Hugging Face hub id already in the local cache (``diffalign.pipeline.resolve``,
+    the loader path text-to-image pipelines take too). The pipeline keeps its own scheduler: it
+    is the editor's, and the defenses read the attacked timestep from it.
     """
     if isinstance(spec, DiffusionPipeline):
         pipe = spec
@@ -74,15 +72,10 @@ def load_inpainting(
             pipe = StableDiffusionInpaintPipeline(
                 **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
             )
-    elif spec == TINY_RANDOM_INPAINT:
-        pipe = tiny_random_inpaint_pipeline(seed=seed)
-    elif spec == SHAPES_INPAINT:
-        from diffalign.shapes import assets
-
-        pipe = assets.load_inpainting_pipeline(torch_dtype=torch_dtype)
     else:
-        builtin = (SHAPES_INPAINT, TINY_RANDOM_INPAINT)
-        pipe = from_pretrained(StableDiffusionInpaintPipeline, spec, torch_dtype, builtin=builtin, kind="inpainting")
+        pipe = resolve(
+            spec, StableDiffusionInpaintPipeline, torch_dtype=torch_dtype, seed=seed, kind="inpainting"
+        )
     check_inpainting_unet(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -101,7 +94,7 @@ def check_inpainting_unet(pipe: DiffusionPipeline) -> None:
             f"{expected} = {pipe.vae.config.latent_channels} noisy latents + 1 mask + "
             f"{pipe.vae.config.latent_channels} masked-image latents. Load an inpainting checkpoint such as "
             "stable-diffusion-v1-5/stable-diffusion-inpainting or stabilityai/stable-diffusion-2-inpainting "
-            f"(or {TINY_RANDOM_INPAINT!r} for tests)."
+            f"(or a built-in one: {', '.join(builtin_names('inpainting'))})."
         )
 
 
@@ -137,7 +130,7 @@ def inpainting_condition(
 def inpainting_unet(
     pipe: StableDiffusionInpaintPipeline,
     latents: torch.Tensor,
-    timestep: torch.Tensor | int | float,
+    timestep: torch.Tensor | float,
     condition: InpaintingCondition,
     prompt_embeds: torch.Tensor,
 ) -> torch.Tensor:

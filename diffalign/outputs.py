@@ -5,9 +5,11 @@
 - **No existing output is replaced unless asked** (``--overwrite``); a new training run goes
   only into a folder that does not exist or is empty.
 - **Nothing half-written is left under a final name.** Files are written under a hidden
-  temporary name beside their destination and renamed into place (``replacing``); if the write
-  fails (a full disk, a kill), the temporary file is removed, and ``remove_debris`` clears the
-  ones a hard kill left behind the next time the same folder is written.
+  temporary name beside their destination and renamed into place (``replacing``,
+  ``write_text``; folders: ``staging_folder``), the one way diffalign writes atomically; if the
+  write fails (a full disk, a kill), the temporary is removed, and ``remove_debris`` clears the
+  ones a hard kill left behind the next time the same folder is written. What lands under the
+  final name has the permissions a plain ``open`` or ``mkdir`` would give (the umask's).
 - **Checks come first**: a folder that cannot hold the output (its parent is a file, it is not
   writable) is reported before minutes of sampling or protecting, not after.
 """
@@ -25,6 +27,12 @@ from diffalign.errors import DiffalignError
 
 # Every temporary name diffalign writes starts with this, so leftovers are recognisable as its own.
 TEMPORARY_PREFIX = ".diffalign-tmp-"
+# mkstemp and mkdtemp create private (0600 / 0700) entries; the renamed results get the modes a
+# plain open() or mkdir() would, from the process's umask (read once: reading it means setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+FOLDER_MODE = 0o777 & ~_UMASK
 
 
 class OutputError(DiffalignError, ValueError):
@@ -62,7 +70,11 @@ def check_writable_folder(folder: Path) -> None:
 
 
 def check_output_file(
-    path: str | Path, *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False, what: str = "output"
+    path: str | Path,
+    *,
+    inputs: Iterable[str | Path | None] = (),
+    overwrite: bool = False,
+    what: str = "output",
 ) -> Path:
     """``path`` if the command may write it, else an ``OutputError`` saying why (nothing is written)."""
     path = Path(path).expanduser()
@@ -84,7 +96,10 @@ def check_output_file(
 
 
 def check_output_files(
-    paths: Iterable[str | Path], *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
+    paths: Iterable[str | Path],
+    *,
+    inputs: Iterable[str | Path | None] = (),
+    overwrite: bool = False,
     what: str = "output",
 ) -> list[Path]:
     """``check_output_file`` for every file a command will write (e.g. the images of a folder)."""
@@ -117,8 +132,11 @@ def replacing(path: str | Path) -> Iterator[Path]:
     on failure removed. The temporary name keeps the suffix, so writers that pick a format by
     suffix still do."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{path.stem}-", suffix=path.suffix)
+    handle, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f"{TEMPORARY_PREFIX}{path.stem}-", suffix=path.suffix
+    )
     os.close(handle)
+    os.chmod(temporary, FILE_MODE)
     try:
         yield Path(temporary)
         os.replace(temporary, path)
@@ -138,16 +156,24 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 @contextmanager
-def staging_folder(final: str | Path) -> Iterator[Path]:
-    """A hidden folder beside ``final`` to fill; on success it replaces ``final`` (an existing
-    ``final`` is removed first), on failure it is removed."""
+def staging_folder(final: str | Path, *, replace: bool = True) -> Iterator[Path]:
+    """A hidden folder beside ``final`` to fill; on success it becomes ``final`` in one rename, on
+    failure it is removed. With ``replace`` an existing ``final`` is removed first; without, a
+    ``final`` that holds files by then (another process wrote it meanwhile) is kept and the
+    write ends in ``FileExistsError``."""
     final = Path(final)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{TEMPORARY_PREFIX}{final.name}-"))
+    os.chmod(staging, FOLDER_MODE)
     try:
         yield staging
-        if final.exists():
+        if replace and final.exists():
             shutil.rmtree(final)
-        os.replace(staging, final)
+        try:
+            os.replace(staging, final)
+        except OSError as error:
+            if not replace and final.is_dir() and any(final.iterdir()):
+                raise FileExistsError(f"{final} was written by another process meanwhile") from error
+            raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -10,12 +10,14 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DiffusionPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -24,10 +26,10 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from diffalign import registry
 from diffalign.errors import DiffalignError
 from diffalign.tokenizer import clip_tokenizer
 
-BUILTIN_SPECS = ("tiny-random", "shapes", "shapes-inpaint")
 # The attention projections of the UNet: the LoRA targets used by DDPO, AlignProp and diffusers' scripts.
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -36,29 +38,31 @@ class PipelineError(DiffalignError, ValueError):
     """A pipeline could not be loaded or is unsuitable for diffalign."""
 
 
+def register(
+    name: str, load: Callable[..., DiffusionPipeline], *, kind: str = "text-to-image", description: str = ""
+):
+    """Make ``name`` a built-in model: ``load(torch_dtype=..., seed=...)`` builds the pipeline.
+    ``kind`` is ``text-to-image`` or ``inpainting`` (``diffalign.inpainting.load_inpainting``)."""
+    return registry.register_pipeline(name, load, kind=kind, description=description)
+
+
+def builtin_names(kind: str | None = None) -> list[str]:
+    """The registered model names (of one ``kind``, or all)."""
+    return [entry.name for entry in registry.PIPELINES if kind is None or entry.kind == kind]
+
+
 def load(
     spec: str, *, torch_dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> StableDiffusionPipeline | StableDiffusionInpaintPipeline:
     """Return a ``StableDiffusionPipeline`` with a ``DDIMScheduler``.
 
-    ``spec`` is a built-in name (``shapes``: the shipped ShapesWorld model, trained by the
-    project; ``shapes-inpaint``: its inpainting editor, a ``StableDiffusionInpaintPipeline``;
-    ``tiny-random``: random weights from small configs, for tests and smoke runs, ``seed``
-    picks the weights), a local pipeline folder, or a Hugging Face hub id already in the
-    local cache (set ``HF_HUB_OFFLINE=1`` to forbid network look-ups).
+    ``spec`` is a built-in name (``tiny-random``: random weights from small configs, for tests
+    and smoke runs, ``seed`` picks the weights; ``shapes``: the shipped ShapesWorld model, and
+    whatever else a provider registered, see ``builtin_names()``; an inpainting name returns
+    that ``StableDiffusionInpaintPipeline``), a local pipeline folder, or a Hugging Face hub id
+    already in the local cache (set ``HF_HUB_OFFLINE=1`` to forbid network look-ups).
     """
-    if spec == "tiny-random":
-        pipe = tiny_random_pipeline(seed=seed)
-    elif spec == "shapes":
-        from diffalign.shapes import assets
-
-        pipe = assets.load_pipeline(torch_dtype=torch_dtype)
-    elif spec == "shapes-inpaint":
-        from diffalign.shapes import assets
-
-        pipe = assets.load_inpainting_pipeline(torch_dtype=torch_dtype)
-    else:
-        pipe = from_pretrained(StableDiffusionPipeline, spec, torch_dtype, builtin=BUILTIN_SPECS)
+    pipe = resolve(spec, StableDiffusionPipeline, torch_dtype=torch_dtype, seed=seed)
     pipe.scheduler = _ddim_scheduler_for(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -77,9 +81,10 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
 
 
-def check_spec(spec: str, builtin: tuple[str, ...] = BUILTIN_SPECS) -> None:
-    """Refuse, before anything loads, a model name that is neither built in, nor a folder, nor a hub
-    id (``org/name``): most often a typo of a built-in name, which the error suggests."""
+def check_spec(spec: str, kind: str | None = None) -> None:
+    """Refuse, before anything loads, a model name that is neither built in (of ``kind``), nor a
+    folder, nor a hub id (``org/name``): most often a typo of a built-in name, which the error suggests."""
+    builtin = builtin_names(kind)
     if spec in builtin or "/" in spec or Path(spec).expanduser().exists():
         return
     close = difflib.get_close_matches(spec, builtin, n=1, cutoff=0.6)
@@ -90,14 +95,24 @@ def check_spec(spec: str, builtin: tuple[str, ...] = BUILTIN_SPECS) -> None:
     )
 
 
-def from_pretrained(cls: type, spec: str, dtype: torch.dtype, *, builtin: tuple[str, ...], kind: str = "Stable Diffusion"):
+def resolve(spec: str, cls: type, *, torch_dtype: torch.dtype, seed: int = 0, kind: str | None = None):
+    """The one loader path of every pipeline class diffalign loads (text-to-image, inpainting):
+    a registered name (of ``kind``, or any) is built by its loader; anything else is a local
+    folder or a cached hub id for ``cls.from_pretrained``, with errors that teach."""
+    entry = registry.PIPELINES.get(spec)
+    if entry is not None and (kind is None or entry.kind == kind):
+        return entry.load(torch_dtype=torch_dtype, seed=seed)
+    return from_pretrained(cls, spec, torch_dtype, kind=kind)
+
+
+def from_pretrained(cls: type, spec: str, dtype: torch.dtype, *, kind: str | None = None):
     """``cls.from_pretrained(spec)`` for a local folder or a cached hub id, with errors that teach.
 
-    A name that is neither a folder nor a hub id (``org/name``) but close to a built-in name is
-    a typo of it ("did you mean 'shapes'?"), not a hub look-up ending in offline noise. The one
-    loader path for every pipeline class diffalign loads (text-to-image, inpainting).
+    A name that is neither a folder nor a hub id (``org/name``) but close to a built-in name (of
+    ``kind``) is a typo of it ("did you mean 'shapes'?"), not a hub look-up ending in offline noise.
     """
-    check_spec(spec, builtin)
+    check_spec(spec, kind)
+    builtin = builtin_names(kind)
     folder = Path(spec).expanduser()
     if looks_like_path(spec) and not folder.exists():
         raise PipelineError(
@@ -115,8 +130,9 @@ def from_pretrained(cls: type, spec: str, dtype: torch.dtype, *, builtin: tuple[
         )
     except (OSError, ValueError) as error:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        label = "inpainting" if kind == "inpainting" else "Stable Diffusion"
         raise PipelineError(
-            f"could not load {kind} pipeline {spec!r}{offline}: {error}\n"
+            f"could not load {label} pipeline {spec!r}{offline}: {error}\n"
             "diffalign never downloads weights at run time. On a machine with internet run\n"
             f"    huggingface-cli download {spec} --local-dir <folder>\n"
             "then pass that folder (or copy the Hugging Face cache and set HF_HUB_OFFLINE=1)."
@@ -198,7 +214,9 @@ def sd_ddim_scheduler() -> DDIMScheduler:
     )
 
 
-def assemble(*, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel) -> StableDiffusionPipeline:
+def assemble(
+    *, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
     """A ``StableDiffusionPipeline`` from components, with a DDIM scheduler and no safety checker."""
     return StableDiffusionPipeline(
         vae=vae,
@@ -233,7 +251,10 @@ def add_lora(
     pipe.unet.requires_grad_(False)
     init_lora_weights = {"default": True, "gaussian": "gaussian"}[init]
     config = LoraConfig(
-        r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), init_lora_weights=init_lora_weights
+        r=rank,
+        lora_alpha=alpha or rank,
+        target_modules=list(target_modules),
+        init_lora_weights=init_lora_weights,
     )
     pipe.unet.add_adapter(config)
 
@@ -254,7 +275,9 @@ def load_lora_into_adapter(unet: UNet2DConditionModel, folder: str | Path) -> No
     """Overwrite the UNet's existing trainable adapter with the weights saved in ``folder`` (resume)."""
     state, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
     unet_state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    result = set_peft_model_state_dict(
+        unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
+    )
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise PipelineError(f"LoRA in {folder} does not fit this UNet: unexpected keys {unexpected[:5]}")
@@ -277,3 +300,22 @@ def enable_memory_savers(
         pipe.enable_attention_slicing()
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+
+
+def _tiny_random(*, torch_dtype: torch.dtype, seed: int) -> StableDiffusionPipeline:
+    return tiny_random_pipeline(seed=seed)  # built in fp32 whatever the dtype, as it always was
+
+
+def _tiny_random_inpaint(*, torch_dtype: torch.dtype, seed: int) -> StableDiffusionInpaintPipeline:
+    from diffalign.inpainting import tiny_random_inpaint_pipeline
+
+    return tiny_random_inpaint_pipeline(seed=seed)
+
+
+register("tiny-random", _tiny_random, description="random weights from small configs (tests, smoke runs)")
+register(
+    "tiny-random-inpaint",
+    _tiny_random_inpaint,
+    kind="inpainting",
+    description="random weights, 9-channel inpainting UNet (tests)",
+)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; training machines have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from PIL import Image
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -60,7 +60,12 @@ def save_grid(
 
 
 def save_curves(
-    history: Sequence[dict], keys: Sequence[str], path: str | Path, *, x: str = "samples_seen", title: str = ""
+    history: Sequence[dict],
+    keys: Sequence[str],
+    path: str | Path,
+    *,
+    x: str = "samples_seen",
+    title: str = "",
 ) -> Path:
     """Plot ``keys`` of per-epoch metric records against ``x`` (mean ± std where ``key_std`` exists)."""
     figure, axis = plt.subplots(figsize=(6, 3.6))

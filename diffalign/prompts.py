@@ -1,33 +1,40 @@
-"""Prompt sets for training and evaluation: built-in lists shipped in the package, or a text file.
+"""Prompt sets for training and evaluation: built-in lists shipped in the package, sets a world
+registers (``diffalign.registry.register_prompt_set``), or a text file.
 
 A prompt set is an ordered list of prompts; each training batch draws from it uniformly
 with the run's seeded generator, so a resumed run draws exactly the prompts it would have.
+A registered set may name the models it is written for (``unfit_for``): ShapesWorld's
+``shapes-*`` prompts mean nothing to a model that has never seen the world.
 """
 
 from __future__ import annotations
 
-import difflib
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from diffalign import registry
 from diffalign.errors import DiffalignError
 
+if TYPE_CHECKING:
+    import torch
+
 _PACKAGE_DIR = "prompts"
+register = registry.register_prompt_set  # how a world adds its sets: prompts.register(name, load, models=...)
 
 
 class PromptSetError(DiffalignError, ValueError):
     """A prompt set name or file is wrong."""
 
 
-def builtin_names() -> list[str]:
-    """Names of the prompt sets shipped in the package (text files, and ShapesWorld's grammar)."""
-    from diffalign.shapes.splits import PROMPT_SETS
-
+def _file_names() -> list[str]:
     folder = resources.files("diffalign").joinpath(_PACKAGE_DIR)
-    files = [item.name.removesuffix(".txt") for item in folder.iterdir() if item.name.endswith(".txt")]
-    return sorted(files + list(PROMPT_SETS))
+    return [item.name.removesuffix(".txt") for item in folder.iterdir() if item.name.endswith(".txt")]
+
+
+def builtin_names() -> list[str]:
+    """Names of the built-in prompt sets: the text files shipped in the package and the registered sets."""
+    return sorted(_file_names() + registry.PROMPT_SETS.names())
 
 
 def load_prompts(spec: str) -> list[str]:
@@ -35,11 +42,10 @@ def load_prompts(spec: str) -> list[str]:
 
     Blank lines and lines starting with ``#`` are skipped.
     """
-    from diffalign.shapes.splits import PROMPT_SETS, prompt_set
-
-    if spec in PROMPT_SETS:
-        return prompt_set(spec)
-    if spec in builtin_names():
+    entry = registry.PROMPT_SETS.get(spec)
+    if entry is not None:
+        return entry.load()
+    if spec in _file_names():
         text = resources.files("diffalign").joinpath(_PACKAGE_DIR, f"{spec}.txt").read_text("utf-8")
     elif Path(spec).is_file():
         try:
@@ -51,16 +57,24 @@ def load_prompts(spec: str) -> list[str]:
     elif Path(spec).is_dir():
         raise PromptSetError(f"prompt set {spec!r} is a folder; give a .txt file with one prompt per line")
     else:
-        close = difflib.get_close_matches(spec, builtin_names(), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        names = builtin_names()
         raise PromptSetError(
-            f"no prompt set {spec!r}: not a built-in set and not a file.{hint} "
-            f"Built-in sets: {', '.join(builtin_names())}; or give a .txt file with one prompt per line."
+            f"no prompt set {spec!r}: not a built-in set and not a file.{registry.suggestion(spec, names)} "
+            f"Built-in sets: {', '.join(names)}; or give a .txt file with one prompt per line."
         )
     prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
         raise PromptSetError(f"prompt set {spec!r} is empty")
     return prompts
+
+
+def unfit_for(names: list[str], model: str) -> tuple[list[str], str]:
+    """The registered sets among ``names`` whose prompts are written for other models than
+    ``model``, and what they are (their world, and the models they are for)."""
+    entries = [entry for entry in map(registry.PROMPT_SETS.get, names) if entry is not None]
+    unfit = [entry for entry in entries if not entry.fits(model)]
+    worlds = sorted({f"{e.world or 'their'} prompts (for models {', '.join(e.models or ())})" for e in unfit})
+    return [entry.name for entry in unfit], "; ".join(worlds)
 
 
 def display_name(spec: str) -> str:
@@ -71,5 +85,7 @@ def display_name(spec: str) -> str:
 
 def draw(prompts: list[str], count: int, generator: torch.Generator) -> list[str]:
     """``count`` prompts drawn uniformly with replacement, reproducibly from ``generator``."""
+    import torch
+
     index = torch.randint(len(prompts), (count,), generator=generator)
     return [prompts[i] for i in index.tolist()]

@@ -27,7 +27,6 @@ as black, so a brush layer with transparency works as a mask as it is.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,9 +154,3 @@ def fit_to_model(
 def opaque(image: Image.Image) -> Image.Image:
     """``image`` in RGB, transparent parts on white as viewers show them (stored colour is arbitrary)."""
     return images.on_white(images.normalise(image))
-
-
-def psnr(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB between two ``[3, H, W]`` images in [0, 1] (inf if equal)."""
-    mse = (reference.double() - other.double()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)

@@ -109,7 +109,9 @@ def predict_original(
     return pred_original_sample, pred_epsilon
 
 
-def alpha_cumprod_at(scheduler: DDIMScheduler, timestep: int | torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def alpha_cumprod_at(
+    scheduler: DDIMScheduler, timestep: int | torch.Tensor, latents: torch.Tensor
+) -> torch.Tensor:
     """ᾱ_t of ``timestep`` (scalar or ``[B]``) shaped ``[B, 1, ...]`` to broadcast against ``latents``."""
     batch = latents.shape[0]
     timestep = torch.as_tensor(timestep, device=latents.device).long().reshape(-1).expand(batch)
@@ -139,7 +141,9 @@ def ddim_posterior(
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=alphas_cumprod.dtype)
     alpha_prod_t = alphas_cumprod[timestep]
-    alpha_prod_t_prev = torch.where(prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final_alpha)
+    alpha_prod_t_prev = torch.where(
+        prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], final_alpha
+    )
     broadcast = (batch,) + (1,) * (latents.ndim - 1)
     alpha_prod_t = alpha_prod_t.reshape(broadcast)
     alpha_prod_t_prev = alpha_prod_t_prev.reshape(broadcast)
@@ -180,7 +184,9 @@ def ddim_step_with_logprob(
     batch = latents.shape[0]
     if prev_sample is None:
         if eta > 0:
-            noise = randn_tensor(noise_pred.shape, generator=generator, device=latents.device, dtype=noise_pred.dtype)
+            noise = randn_tensor(
+                noise_pred.shape, generator=generator, device=latents.device, dtype=noise_pred.dtype
+            )
             prev_sample = prev_sample_mean + std_dev_t * noise
         else:
             prev_sample = prev_sample_mean
@@ -207,7 +213,9 @@ def warn_long_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> 
     reported = pipe.__dict__.setdefault("_diffalign_long_prompts", set())
     tokenizer = pipe.tokenizer
     # transformers' own "sequence length is longer than..." notice says the same once, less clearly.
-    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = True
+    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = (
+        True
+    )
     limit = tokenizer.model_max_length
     for prompt in dict.fromkeys(prompts):
         if prompt in reported:
@@ -218,7 +226,10 @@ def warn_long_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> 
             kept = tokenizer.decode(ids[1 : limit - 1])
             logger.warning(
                 "prompt %r has %d tokens but the text encoder reads %d: only %r is used (reported once per prompt)",
-                prompt if len(prompt) <= 200 else prompt[:200] + "...", len(ids), limit, kept,
+                prompt if len(prompt) <= 200 else prompt[:200] + "...",
+                len(ids),
+                limit,
+                kept,
             )
 
 
@@ -327,7 +338,9 @@ def sample(
     scales = torch.as_tensor(guidance_scale, dtype=torch.float32, device=device)
     scales = scales.expand(batch, len(timesteps)) if scales.ndim == 0 else scales.to(device)
     if scales.shape != (batch, len(timesteps)):
-        raise ValueError(f"guidance_scale must be a number or [{batch}, {len(timesteps)}], got {tuple(scales.shape)}")
+        raise ValueError(
+            f"guidance_scale must be a number or [{batch}, {len(timesteps)}], got {tuple(scales.shape)}"
+        )
     if latents is None:
         latents = initial_latents(pipe, batch, generator)
     all_latents = [latents]
@@ -337,7 +350,11 @@ def sample(
         model_input = pipe.scheduler.scale_model_input(latents, timestep)
         noise_pred = guided_noise(pipe.unet, model_input, timestep, cond, uncond, scales[:, step])
         latents, log_prob = ddim_step_with_logprob(
-            pipe.scheduler, noise_pred, timestep, latents, eta=eta if first <= step <= last else 0.0,
+            pipe.scheduler,
+            noise_pred,
+            timestep,
+            latents,
+            eta=eta if first <= step <= last else 0.0,
             generator=generator,
         )
         all_latents.append(latents)

@@ -21,13 +21,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from diffalign import checkpoint, outputs, pipeline, plots, rewards
+from diffalign import checkpoint, optim, outputs, pipeline, plots, rewards
 from diffalign import prompts as prompt_sets
 from diffalign.config import TrainConfig, load_config, resume_changes
 from diffalign.diffexp import DiffExp
 from diffalign.errors import DiffalignError
 from diffalign.evaluation import Evaluator
-from diffalign.optim import METHOD_CLASSES
 from diffalign.optim.base import TrainContext
 
 
@@ -66,9 +65,13 @@ class TrainResult:
             took = f"{self.seconds:.0f} s" if self.seconds < 120 else f"{self.seconds / 60:.1f} min"
             lines.append(f"time: {took}, evaluation included")
         out = self.output_dir
-        lines.append(f"grids: {out / 'samples'} (epoch-NNNN.png, one per evaluation); curves: {out / 'reward_curve.png'}")
+        lines.append(
+            f"grids: {out / 'samples'} (epoch-NNNN.png, one per evaluation); curves: {out / 'reward_curve.png'}"
+        )
         weights = self.lora_dir if self.lora_dir is not None else out / "unet"
-        lines.append(f"metrics: {out / 'metrics.jsonl'}; weights: {weights}; checkpoints: {out / 'checkpoints'}")
+        lines.append(
+            f"metrics: {out / 'metrics.jsonl'}; weights: {weights}; checkpoints: {out / 'checkpoints'}"
+        )
         return "\n".join(lines)
 
 
@@ -86,7 +89,7 @@ def build_context(config: TrainConfig, reward: rewards.Reward | None = None) -> 
 
     ``train`` calls this; so do benchmarks that time one method's epoch on its own.
     """
-    method_class = METHOD_CLASSES[config.method]
+    method_class = optim.get(config.method).cls
     accelerator = Accelerator(
         # Without a GPU, accelerate only sets up multi-process (gloo) training when told it is on CPU.
         cpu=not torch.cuda.is_available(),
@@ -162,7 +165,9 @@ class Trainer:
                 "or choose another output_dir; nothing was changed."
             )
         if resume and previous is None:
-            raise checkpoint.CheckpointError(f"--resume given but {checkpoints} has no checkpoint to resume from")
+            raise checkpoint.CheckpointError(
+                f"--resume given but {checkpoints} has no checkpoint to resume from"
+            )
         changes: dict[str, list] = {}
         if resume:
             if not (output / "config.yaml").is_file():
@@ -177,7 +182,7 @@ class Trainer:
         self.context = context = build_context(config, reward)
         self.accelerator = accelerator = context.accelerator
         self.pipe, self.reward = context.pipe, context.reward
-        self.method = METHOD_CLASSES[config.method](context, config)
+        self.method = optim.get(config.method).cls(context, config)
         # Every process has passed the checks above before the main process writes anything.
         accelerator.wait_for_everyone()
 
@@ -190,7 +195,9 @@ class Trainer:
         if previous is not None:
             self._restore(previous, changes)
         self.metrics_path = output / "metrics.jsonl"
-        eval_rewards = [self.reward] + [rewards.build(name) for name in config.eval.rewards if name != self.reward.name]
+        eval_rewards = [self.reward] + [
+            rewards.build(name) for name in config.eval.rewards if name != self.reward.name
+        ]
         self.evaluator = Evaluator(
             self.pipe,
             prompt_set_names=config.eval.prompt_sets or [config.prompts],
@@ -207,7 +214,9 @@ class Trainer:
             output.mkdir(parents=True, exist_ok=True)
             outputs.write_text(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
             # Metrics logged after the last checkpoint belong to epochs that will be redone.
-            outputs.write_text(self.metrics_path, "".join(json.dumps(record) + "\n" for record in self.history))
+            outputs.write_text(
+                self.metrics_path, "".join(json.dumps(record) + "\n" for record in self.history)
+            )
         if accelerator.log_with:
             accelerator.init_trackers("diffalign")
 
@@ -255,9 +264,11 @@ class Trainer:
     def run_epoch(self) -> dict:
         """Train one epoch (evaluating and checkpointing when the config says) and return its record."""
         config, accelerator = self.config, self.accelerator
-        generator = torch.Generator().manual_seed(epoch_seed(config.seed, self.epoch, accelerator.process_index))
+        generator = torch.Generator().manual_seed(
+            epoch_seed(config.seed, self.epoch, accelerator.process_index)
+        )
         started = time.perf_counter()
-        metrics = self.method.run_epoch(self.epoch, generator)
+        metrics = self.method.run_epoch(generator)
         seconds = time.perf_counter() - started
         self.epoch = done = self.epoch + 1
         seen = (self.history[-1]["samples_seen"] if self.history else 0) + metrics["samples"]
@@ -299,7 +310,9 @@ class Trainer:
                 self.pipe.unet.save_pretrained(self.output / "unet")
             eval_keys = sorted({key for record in self.history for key in record if key.startswith("eval/")})
             plots.save_curves(
-                self.history, ["reward_mean", *eval_keys], self.output / "reward_curve.png",
+                self.history,
+                ["reward_mean", *eval_keys],
+                self.output / "reward_curve.png",
                 title=f"{config.method} on {config.model} — {config.reward}",
             )
         accelerator.end_training()
@@ -319,7 +332,9 @@ def train(
     if trainer.epoch == 0:
         trainer.evaluate()
     bar = tqdm(
-        range(trainer.epoch, config.epochs), desc=f"{config.method} epochs", disable=not (progress and trainer.main)
+        range(trainer.epoch, config.epochs),
+        desc=f"{config.method} epochs",
+        disable=not (progress and trainer.main),
     )
     for _ in bar:
         record = trainer.run_epoch()

@@ -14,11 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from diffalign.rewards.base import register
 from diffalign.rewards.checkpoints import TINY_RANDOM, existing_file, seeded
 from diffalign.rewards.open_clip_encoder import load_open_clip, pretrained_weights, tiny_open_clip
+from torch import nn
 
 CLIP_ARCH, CLIP_PRETRAINED = "ViT-L-14", "openai"
 MLP_FILENAME = "sac+logos+ava1-l14-linearMSE.pth"
@@ -51,12 +49,6 @@ class AestheticMLP(nn.Module):
         return self.layers(embeds).squeeze(-1)
 
 
-@register(
-    "aesthetic",
-    description="LAION aesthetic predictor v2 (MLP on CLIP ViT-L/14 embeddings), prompt-independent",
-    differentiable=True,
-    needs_checkpoint=True,
-)
 class AestheticReward(nn.Module):
     """Predicted human aesthetic rating of each image (roughly 1-10 for the real checkpoint).
 

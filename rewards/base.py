@@ -14,12 +14,15 @@ from __future__ import annotations
 import difflib
 import re
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-import torch
-
+from diffalign import registry
 from diffalign.errors import DiffalignError
+
+if TYPE_CHECKING:  # torch is imported where a reward runs, so that listing rewards stays fast
+    import torch
 
 
 @runtime_checkable
@@ -115,10 +118,13 @@ def available() -> list[RewardInfo]:
 
     A wrapper's entry is a template (``textnorm(REWARD,...)``) for listings; it is marked
     differentiable because it is exactly when its members are, which ``info`` reports per name.
+    Providers (worlds that register rewards, ``diffalign.registry``) are imported first.
     """
+    registry.load_providers()
     templates = [
-        RewardInfo(f"{w.name}(REWARD,...)", w.factory, w.description, differentiable=True,
-                   needs_checkpoint=False)
+        RewardInfo(
+            f"{w.name}(REWARD,...)", w.factory, w.description, differentiable=True, needs_checkpoint=False
+        )
         for w in (_WRAPPERS[name] for name in sorted(_WRAPPERS))
     ]
     return [_REGISTRY[name] for name in sorted(_REGISTRY)] + templates
@@ -128,8 +134,10 @@ def info(name: str) -> RewardInfo:
     """The registry entry for ``name``; an unknown name is an error that suggests the closest one.
 
     ``wrapper(a,b)`` gets an entry made on the fly: differentiable iff every member is, needing a
-    checkpoint iff any member does.
+    checkpoint iff any member does. A name not registered yet is looked for in the providers.
     """
+    if name not in _REGISTRY:
+        registry.load_providers()
     if name in _REGISTRY:
         return _REGISTRY[name]
     wrapped = _WRAPPED_NAME.fullmatch(name.strip())
@@ -208,6 +216,8 @@ class TextEmbeddingCache:
 
     def __call__(self, prompts: Sequence[str], device: torch.device | str) -> torch.Tensor:
         """Embeddings ``[N, D]`` of ``prompts`` on ``device``."""
+        import torch
+
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
             self._cache.update(zip(missing, self.embed(missing).detach()))
@@ -236,6 +246,8 @@ def checked_call(reward: Reward, images: torch.Tensor, prompts: Sequence[str]) -
     Training must never continue on a NaN or a mis-shaped score, so this is the only way
     the training loop and the benchmarks call a reward.
     """
+    import torch
+
     if images.ndim != 4 or images.shape[1] != 3:
         raise RewardError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
     if len(prompts) != images.shape[0]:

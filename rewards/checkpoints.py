@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from diffalign.rewards.base import RewardError
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import LocalEntryNotFoundError
-
-from diffalign.rewards.base import RewardError
 
 TINY_RANDOM = "tiny-random"
 TINY_SEED = 0

@@ -9,23 +9,16 @@ the clamp at 0 would zero the gradient that AlignProp needs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import torch
-from torch import nn
-
-from diffalign.rewards.base import TextEmbeddingCache, register
 from diffalign.rewards.checkpoints import TINY_RANDOM
-from diffalign.rewards.open_clip_encoder import candidate_cosines, load_open_clip, pretrained_weights, tiny_open_clip
-
-
-@register(
-    "clip-score",
-    description="cosine similarity of open_clip image and prompt embeddings (default ViT-L-14, OpenAI weights)",
-    differentiable=True,
-    needs_checkpoint=True,
+from diffalign.rewards.open_clip_encoder import (
+    OpenClipCosine,
+    load_open_clip,
+    pretrained_weights,
+    tiny_open_clip,
 )
-class ClipScore(nn.Module):
+
+
+class ClipScore(OpenClipCosine):
     """Cosine similarity between each image and its prompt under an open_clip model.
 
     Options: ``arch`` (an open_clip architecture, default ``"ViT-L-14"``) and ``pretrained``
@@ -45,19 +38,9 @@ class ClipScore(nn.Module):
         pretrained: str = "openai",
         device: str = "cpu",
     ):
-        super().__init__()
         if checkpoint == TINY_RANDOM:
-            self.encoder = tiny_open_clip()
+            encoder = tiny_open_clip()
         else:
             weights = pretrained_weights(arch, pretrained, checkpoint, reward=self.name)
-            self.encoder = load_open_clip(arch, pretrained, weights)
-        self.text_cache = TextEmbeddingCache(self.encoder.embed_texts)
-        self.eval().to(device)
-
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return (self.encoder.embed_images(images) * self.encoder.embed_texts(prompts)).sum(dim=-1)
-
-    def score_candidates(self, images: torch.Tensor, candidates: Sequence[Sequence[str]]) -> torch.Tensor:
-        """``[B, K]`` cosines of each image with each of its K candidate prompts: each image is
-        encoded once, each distinct prompt once per run (a bounded cache)."""
-        return candidate_cosines(self.encoder, self.text_cache, images, candidates, self.name)
+            encoder = load_open_clip(arch, pretrained, weights)
+        super().__init__(encoder, device)

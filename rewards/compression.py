@@ -16,8 +16,6 @@ import torch
 from PIL import Image
 from torch import nn
 
-from diffalign.rewards.base import register
-
 JPEG_QUALITY = 95  # DDPO's setting
 
 
@@ -53,19 +51,9 @@ class JpegSizeReward(nn.Module):
         return self.sign * jpeg_size_kb(images, self.quality)
 
 
-@register(
-    "jpeg-compressibility",
-    description="minus the JPEG size (kB, quality 95) of each image: favours simple images (DDPO)",
-    differentiable=False,
-)
 def jpeg_compressibility(quality: int = JPEG_QUALITY) -> JpegSizeReward:
     return JpegSizeReward("jpeg-compressibility", sign=-1.0, quality=quality)
 
 
-@register(
-    "jpeg-incompressibility",
-    description="the JPEG size (kB, quality 95) of each image: favours detailed images (DDPO)",
-    differentiable=False,
-)
 def jpeg_incompressibility(quality: int = JPEG_QUALITY) -> JpegSizeReward:
     return JpegSizeReward("jpeg-incompressibility", sign=1.0, quality=quality)

@@ -4,12 +4,15 @@ TextNorm (Kim et al., ICLR 2024, "Confidence-aware Reward Optimization for Fine-
 Text-to-Image Models") calibrates a reward by comparing an image's score for its prompt with
 its scores for *semantically contrastive* prompts: minimal edits that change the meaning (a
 different count, colour, object, attribute binding or spatial relation). A generator is any
-callable ``prompt -> list[str]``; this module ships four, chosen by name with ``from_spec``:
+callable ``prompt -> list[str]``; ``from_spec`` builds one by its registered name
+(``diffalign.registry.register_contrast``). This module registers three for any text:
 
-- ``shapes`` — ``ShapesContrast``: exact, rule-based, for the ShapesWorld grammar.
 - ``rules`` — ``RuleContrast``: word swaps (numbers, colours, spatial words) for free text.
 - ``file:PATH`` — ``FileContrast``: a JSON file of prompt -> contrasts (e.g. the authors' release).
 - ``lm:PATH`` — ``LanguageModelContrast``: a local causal language model, few-shot, cached on disk.
+
+A world registers its own: ShapesWorld's ``shapes`` (``diffalign.shapes.contrast``) is exact for
+its grammar.
 
 A generator returns ``[]`` when it has nothing to offer; TextNorm then stops with an error
 that says how to fix it (see ``textnorm.py`` for why there is no silent fallback).
@@ -17,7 +20,6 @@ that says how to fix it (see ``textnorm.py`` for why there is no silent fallback
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -27,33 +29,26 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffalign.rewards.base import RewardError
 
-from diffalign import outputs
-from diffalign.shapes.grammar import (
-    NUMBER_WORDS,
-    RELATIONS,
-    Entity,
-    Facts,
-    PromptOutsideGrammar,
-    Relation,
-    parse,
-    text,
-)
-from diffalign.shapes.world import COLOURS, SHAPES
+from diffalign import outputs, registry
+from diffalign.registry import register_contrast as register
 
 ContrastGenerator = Callable[[str], list[str]]
-SPEC_NAMES = ("shapes", "rules", "file:PATH", "lm:PATH")
 
 
 class ContrastError(RewardError):
     """A contrast generator cannot work: an unreadable file, a missing model, a prompt it cannot read."""
 
 
+def spec_names() -> list[str]:
+    """How each registered generator is named in a ``contrast`` option: ``rules``, ``file:PATH``, ..."""
+    return [entry.spec for entry in registry.CONTRASTS]
+
+
 def from_spec(spec: str | ContrastGenerator, **options: Any) -> ContrastGenerator:
-    """The generator named by ``spec`` (``shapes``, ``rules``, ``file:PATH``, ``lm:PATH``) built
-    with ``options``; a callable is returned as it is."""
+    """The generator named by ``spec`` (a registered name, or ``name:PATH`` for one that reads a
+    path: ``file:PATH``, ``lm:PATH``) built with ``options``; a callable is returned as it is."""
     if callable(spec):
         if options:
             raise ContrastError(
@@ -61,18 +56,15 @@ def from_spec(spec: str | ContrastGenerator, **options: Any) -> ContrastGenerato
             )
         return spec
     kind, _, argument = str(spec).partition(":")
-    makers: dict[str, Callable[..., ContrastGenerator]] = {
-        "shapes": ShapesContrast, "rules": RuleContrast, "file": FileContrast, "lm": LanguageModelContrast,
-    }
-    takes_path = kind in ("file", "lm")
-    if kind not in makers or takes_path != bool(argument):
-        close = difflib.get_close_matches(str(spec), list(SPEC_NAMES), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+    entry = registry.CONTRASTS.get(kind)
+    if entry is None or entry.takes_path != bool(argument):
+        names = spec_names()
         raise ContrastError(
-            f"unknown contrast generator {spec!r}.{hint} Choose one of: {', '.join(SPEC_NAMES)}."
+            f"unknown contrast generator {spec!r}.{registry.suggestion(str(spec), names)} "
+            f"Choose one of: {', '.join(names)}."
         )
     try:
-        return makers[kind](argument, **options) if takes_path else makers[kind](**options)
+        return entry.make(argument, **options) if entry.takes_path else entry.make(**options)
     except TypeError as error:
         raise ContrastError(
             f"contrast generator {spec!r} does not take options {sorted(options)}: {error}"
@@ -96,92 +88,37 @@ def _distinct(prompt: str, candidates: Iterator[str] | Sequence[str]) -> list[st
     return kept
 
 
-# --- ShapesWorld: exact --------------------------------------------------------------------------
-
-
-class ShapesContrast:
-    """Every one-edit change of a ShapesWorld prompt that the grammar can state and that means
-    something else: counts (to a/two/three), each other colour, each other shape, the two objects'
-    colours or shapes exchanged, subject and object exchanged, every other relation, either
-    object dropped.
-
-    Meanings are compared with ``Facts.canonical()``, so "B right of A" is never offered as a
-    contrast of "A left of B" (the same picture), and each meaning is offered once. A prompt
-    outside the grammar is an error, not an empty set: the grammar's message says what is wrong.
-    """
-
-    name = "shapes"
-
-    def __call__(self, prompt: str) -> list[str]:
-        try:
-            facts = parse(prompt)
-        except PromptOutsideGrammar as error:
-            raise ContrastError(
-                f"{error} The 'shapes' contrast generator only knows ShapesWorld prompts; for other prompts "
-                "use contrast 'rules', 'file:PATH' or 'lm:PATH'."
-            ) from error
-        seen = {facts.canonical()}
-        contrasts = []
-        for variant in _edits(facts):
-            meaning = variant.canonical()
-            if _valid(variant) and meaning not in seen:
-                seen.add(meaning)
-                contrasts.append(text(variant))
-        return contrasts
-
-
-def _edits(facts: Facts) -> Iterator[Facts]:
-    """Candidate one-edit variants of ``facts``, some of them invalid or equivalent (filtered later)."""
-    if not facts.relations:
-        (entity,) = facts.entities
-        for count in (1, *NUMBER_WORDS):
-            yield Facts((Entity(entity.colour, entity.shape, count),))
-        for variant in _entity_edits(entity):
-            yield Facts((variant,))
-        return
-    (relation,) = facts.relations
-    a, b = facts.entities[relation.subject], facts.entities[relation.object]
-
-    def stated(first: Entity, second: Entity, rel: str = relation.relation) -> Facts:
-        return Facts((first, second), (Relation(0, rel, 1),))
-
-    for variant in _entity_edits(a):
-        yield stated(variant, b)
-    for variant in _entity_edits(b):
-        yield stated(a, variant)
-    yield stated(Entity(b.colour, a.shape), Entity(a.colour, b.shape))  # colours exchanged
-    yield stated(Entity(a.colour, b.shape), Entity(b.colour, a.shape))  # shapes exchanged
-    yield stated(b, a)  # subject and object exchanged
-    for other in RELATIONS:
-        yield stated(a, b, other)
-    yield Facts((a,))
-    yield Facts((b,))
-
-
-def _entity_edits(entity: Entity) -> Iterator[Entity]:
-    for colour in COLOURS:
-        yield Entity(colour, entity.shape, entity.count)
-    for shape in SHAPES:
-        yield Entity(entity.colour, shape, entity.count)
-
-
-def _valid(facts: Facts) -> bool:
-    """Whether the grammar can state ``facts``: a relation needs two different objects."""
-    return not facts.relations or facts.entities[0] != facts.entities[1]
-
-
 # --- free text: word swaps -----------------------------------------------------------------------
 
 _NUMBERS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 # Synonyms share a group, so "grey" never becomes a contrast of "gray".
 _COLOUR_GROUPS = (
-    ("red",), ("orange",), ("yellow",), ("green",), ("cyan",), ("blue",), ("purple",), ("pink",),
-    ("brown",), ("black",), ("white",), ("gray", "grey"),
+    ("red",),
+    ("orange",),
+    ("yellow",),
+    ("green",),
+    ("cyan",),
+    ("blue",),
+    ("purple",),
+    ("pink",),
+    ("brown",),
+    ("black",),
+    ("white",),
+    ("gray", "grey"),
 )
 _OPPOSITES = {
-    "left": "right", "right": "left", "above": "below", "below": "above", "over": "under",
-    "under": "over", "top": "bottom", "bottom": "top", "in front of": "behind", "behind": "in front of",
-    "inside": "outside", "outside": "inside",
+    "left": "right",
+    "right": "left",
+    "above": "below",
+    "below": "above",
+    "over": "under",
+    "under": "over",
+    "top": "bottom",
+    "bottom": "top",
+    "in front of": "behind",
+    "behind": "in front of",
+    "inside": "outside",
+    "outside": "inside",
 }
 _COLOUR_GROUP = {word: group for group in _COLOUR_GROUPS for word in group}
 _TERMS = sorted([*_NUMBERS, *_COLOUR_GROUP, *_OPPOSITES], key=len, reverse=True)  # longest phrase first
@@ -227,7 +164,7 @@ def _replace(prompt: str, edits: list[tuple[re.Match[str], str]]) -> str:
     for match, word in sorted(edits, key=lambda edit: edit[0].start(), reverse=True):
         if match[0][0].isupper():
             word = word[0].upper() + word[1:]
-        prompt = prompt[: match.start()] + word + prompt[match.end():]
+        prompt = prompt[: match.start()] + word + prompt[match.end() :]
     return prompt
 
 
@@ -365,9 +302,10 @@ class LanguageModelContrast:
             self._write_cache(prompt)
         return self._cache[prompt][: self.max_contrasts]
 
-    @torch.no_grad()
     def generate(self, prompt: str) -> str:
         """The model's raw continuation of the few-shot prompt for ``prompt``."""
+        import torch
+
         if self._model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -377,10 +315,11 @@ class LanguageModelContrast:
         inputs = self._tokenizer(FEW_SHOT.format(prompt=prompt), return_tensors="pt").to(self.device)
         pad = self._tokenizer.pad_token_id
         pad = self._tokenizer.eos_token_id if pad is None else pad  # GPT-2-style tokenizers have no pad token
-        output = self._model.generate(
-            **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad
-        )
-        return self._tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+        with torch.no_grad():
+            output = self._model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad
+            )
+        return self._tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
 
     def _read_cache(self) -> dict[str, dict[str, list[str]]]:
         if not self.cache_file.is_file():
@@ -416,3 +355,8 @@ def parse_lines(generated: str, prompt: str) -> list[str]:
         if line:
             lines.append(line)
     return _distinct(prompt, lines)
+
+
+register("rules", RuleContrast, description="word swaps (numbers, colours, spatial words) for free text")
+register("file", FileContrast, takes_path=True, description="a JSON file of prompt -> contrastive prompts")
+register("lm", LanguageModelContrast, takes_path=True, description="a local causal language model, few-shot")

@@ -12,14 +12,10 @@ outputs are unaffected, other shapes keep their borders.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
 
-import torch
-from torch import nn
-
-from diffalign.rewards.base import RewardError, TextEmbeddingCache, register
+from diffalign.rewards.base import RewardError
 from diffalign.rewards.checkpoints import TINY_RANDOM, cached_hub_file, existing_file
-from diffalign.rewards.open_clip_encoder import candidate_cosines, load_open_clip, tiny_open_clip
+from diffalign.rewards.open_clip_encoder import OpenClipCosine, load_open_clip, tiny_open_clip
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -27,13 +23,7 @@ BASE_ARCH, BASE_PRETRAINED = "ViT-H-14", "laion2b_s32b_b79k"  # what HPSv2 was f
 HPS_PREPROCESS = {"resize_mode": "longest", "fill_color": 0}
 
 
-@register(
-    "hpsv2",
-    description="Human Preference Score v2: cosine of HPS-fine-tuned open_clip ViT-H/14 embeddings",
-    differentiable=True,
-    needs_checkpoint=True,
-)
-class HPSv2(nn.Module):
+class HPSv2(OpenClipCosine):
     """Human preference for each image given its prompt, as HPSv2 predicts it.
 
     Options: ``version`` (``"v2.0"``, the paper's model and the ``hpsv2`` package default, or
@@ -46,7 +36,6 @@ class HPSv2(nn.Module):
     differentiable = True
 
     def __init__(self, checkpoint: str | None = None, version: str = "v2.0", device: str = "cpu"):
-        super().__init__()
         if version not in HPS_FILES:
             close = difflib.get_close_matches(version, list(HPS_FILES), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -54,7 +43,7 @@ class HPSv2(nn.Module):
                 f"reward 'hpsv2': unknown version {version!r}.{hint} Choose one of {list(HPS_FILES)}."
             )
         if checkpoint == TINY_RANDOM:
-            self.encoder = tiny_open_clip(preprocess=HPS_PREPROCESS)
+            encoder = tiny_open_clip(preprocess=HPS_PREPROCESS)
         else:
             filename = HPS_FILES[version]
             weights = (
@@ -64,14 +53,5 @@ class HPSv2(nn.Module):
             )
             # The HPS file holds the whole fine-tuned model, so the base tag only supplies the
             # architecture's activation and preprocessing statistics; its weights are never read.
-            self.encoder = load_open_clip(BASE_ARCH, BASE_PRETRAINED, weights, preprocess=HPS_PREPROCESS)
-        self.text_cache = TextEmbeddingCache(self.encoder.embed_texts)
-        self.eval().to(device)
-
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return (self.encoder.embed_images(images) * self.encoder.embed_texts(prompts)).sum(dim=-1)
-
-    def score_candidates(self, images: torch.Tensor, candidates: Sequence[Sequence[str]]) -> torch.Tensor:
-        """``[B, K]`` cosines of each image with each of its K candidate prompts: each image is
-        encoded once, each distinct prompt once per run (a bounded cache)."""
-        return candidate_cosines(self.encoder, self.text_cache, images, candidates, self.name)
+            encoder = load_open_clip(BASE_ARCH, BASE_PRETRAINED, weights, preprocess=HPS_PREPROCESS)
+        super().__init__(encoder, device)

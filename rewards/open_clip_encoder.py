@@ -16,15 +16,14 @@ from pathlib import Path
 
 import open_clip
 import torch
+from diffalign.rewards.base import RewardError, TextEmbeddingCache, candidate_rows
+from diffalign.rewards.checkpoints import MissingCheckpointError, cached_hub_file, existing_file, seeded
+from diffalign.rewards.clip_preprocess import ClipImageTransform
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, set_model_preprocess_cfg
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import nn
-
-from diffalign.rewards.base import RewardError, TextEmbeddingCache, candidate_rows
-from diffalign.rewards.checkpoints import MissingCheckpointError, cached_hub_file, existing_file, seeded
-from diffalign.rewards.clip_preprocess import ClipImageTransform
 
 # Small enough to build in well under a second on a CPU, yet every part of the real
 # architecture (patch embedding, attention, projections, the 49408-token CLIP vocabulary) is present.
@@ -146,18 +145,29 @@ def tiny_open_clip(*, preprocess: dict | None = None) -> OpenClipEncoder:
     return OpenClipEncoder(model, SimpleTokenizer(context_length=TINY_TEXT.context_length))
 
 
-def candidate_cosines(
-    encoder: OpenClipEncoder,
-    text_cache: TextEmbeddingCache,
-    images: torch.Tensor,
-    candidates: Sequence[Sequence[str]],
-    reward: str,
-) -> torch.Tensor:
-    """``[B, K]`` cosines of each image with each of its K candidate prompts, for the open_clip
-    rewards' ``score_candidates``: each image is encoded once, each distinct prompt once per run
-    (``text_cache`` is bounded)."""
-    flat = candidate_rows(candidates, images.shape[0], reward)
-    image_embeds = encoder.embed_images(images)  # [B, D]
-    text_embeds = text_cache(flat, image_embeds.device)  # [B * K, D]
-    text_embeds = text_embeds.view(len(candidates), -1, image_embeds.shape[-1])  # [B, K, D]
-    return torch.einsum("bd,bkd->bk", image_embeds, text_embeds)
+class OpenClipCosine(nn.Module):
+    """The cosine of an open_clip model's unit-norm image and prompt embeddings, in [-1, 1].
+
+    What CLIP score and HPSv2 share; they differ only in the model they load (``encoder``).
+    ``score_candidates`` encodes each image once and each distinct prompt once per run (a
+    bounded cache), for TextNorm's contrastive prompts.
+    """
+
+    differentiable = True
+
+    def __init__(self, encoder: OpenClipEncoder, device: str = "cpu"):
+        super().__init__()
+        self.encoder = encoder
+        self.text_cache = TextEmbeddingCache(self.encoder.embed_texts)
+        self.eval().to(device)
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return (self.encoder.embed_images(images) * self.encoder.embed_texts(prompts)).sum(dim=-1)
+
+    def score_candidates(self, images: torch.Tensor, candidates: Sequence[Sequence[str]]) -> torch.Tensor:
+        """``[B, K]`` cosines of each image with each of its K candidate prompts."""
+        flat = candidate_rows(candidates, images.shape[0], self.name)
+        image_embeds = self.encoder.embed_images(images)  # [B, D]
+        text_embeds = self.text_cache(flat, image_embeds.device)  # [B * K, D]
+        text_embeds = text_embeds.view(len(candidates), -1, image_embeds.shape[-1])  # [B, K, D]
+        return torch.einsum("bd,bkd->bk", image_embeds, text_embeds)

@@ -16,6 +16,9 @@ from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+from diffalign.rewards.base import RewardError, TextEmbeddingCache, candidate_rows
+from diffalign.rewards.checkpoints import TINY_RANDOM, MissingCheckpointError, seeded
+from diffalign.rewards.clip_preprocess import ClipImageTransform
 from torch import nn
 from transformers import (
     CLIPConfig,
@@ -28,9 +31,6 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
-from diffalign.rewards.base import RewardError, TextEmbeddingCache, candidate_rows, register
-from diffalign.rewards.checkpoints import TINY_RANDOM, MissingCheckpointError, seeded
-from diffalign.rewards.clip_preprocess import ClipImageTransform
 from diffalign.tokenizer import clip_tokenizer
 
 MODEL_ID = "yuvalkirstain/PickScore_v1"
@@ -40,12 +40,6 @@ Loadable = TypeVar("Loadable", CLIPModel, CLIPProcessor)
 INTERPOLATIONS = {PILImageResampling.BILINEAR: "bilinear", PILImageResampling.BICUBIC: "bicubic"}
 
 
-@register(
-    "pickscore",
-    description="PickScore: CLIP ViT-H/14 fine-tuned on Pick-a-Pic human preferences (logit scale x cosine)",
-    differentiable=True,
-    needs_checkpoint=True,
-)
 class PickScore(nn.Module):
     """Human preference for each image given its prompt, as PickScore predicts it.
 

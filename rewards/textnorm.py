@@ -33,11 +33,10 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from torch import nn
-
 from diffalign.rewards import contrast as contrast_module
-from diffalign.rewards.base import Reward, RewardError, build, register_wrapper
+from diffalign.rewards.base import Reward, RewardError, build
 from diffalign.rewards.contrast import ContrastGenerator
+from torch import nn
 
 # c per built-in reward: the logit scale each was trained with (see the module docstring).
 # shapes-clip learned exp(3.0) = 20.1. On 384 ShapesWorld renders of train prompts (~17 contrasts
@@ -49,7 +48,11 @@ from diffalign.rewards.contrast import ContrastGenerator
 # weights on this machine); PickScore's score already includes its logit scale, so its c is 1.
 # shapes-negclip (shapes-clip fine-tuned with hard negatives) ended its fine-tune at exp = 27.4.
 DEFAULT_SCALES: dict[str, float] = {
-    "shapes-clip": 20.0, "shapes-negclip": 27.4, "clip-score": 100.0, "hpsv2": 100.0, "pickscore": 1.0,
+    "shapes-clip": 20.0,
+    "shapes-negclip": 27.4,
+    "clip-score": 100.0,
+    "hpsv2": 100.0,
+    "pickscore": 1.0,
 }
 
 
@@ -189,11 +192,6 @@ def _label(generator: ContrastGenerator) -> str:
     return repr(getattr(generator, "name", generator))
 
 
-@register_wrapper(
-    "textnorm",
-    description="TextNorm (Kim et al. 2024): probability of the prompt among contrastive prompts; "
-    "differentiable iff its members are",
-)
 def build_textnorm(members: Sequence[str], **options: Any) -> TextNorm:
     """``textnorm(a,b)`` from the registry. A member's own options are a mapping under its name,
     e.g. ``{c: [20, 100], contrast: shapes, clip-score: {checkpoint: tiny-random}}``; all other

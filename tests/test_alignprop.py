@@ -25,7 +25,9 @@ def _lora_pipe():
 
 
 def _lora_grads(pipe) -> dict[str, torch.Tensor]:
-    grads = {n: p.grad.clone() for n, p in pipe.unet.named_parameters() if p.requires_grad and p.grad is not None}
+    grads = {
+        n: p.grad.clone() for n, p in pipe.unet.named_parameters() if p.requires_grad and p.grad is not None
+    }
     pipe.unet.zero_grad(set_to_none=True)
     return grads
 
@@ -34,10 +36,18 @@ def _alignprop_grads(pipe, window_steps: int) -> tuple[dict, list[bool]]:
     context = TrainContext(pipe, pipe.unet, None, Accelerator(), None, PROMPTS, [])
     cond, uncond = encode_prompts(pipe, PROMPTS)
     grad_modes: list[bool] = []
-    hook = pipe.unet.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args: grad_modes.append(torch.is_grad_enabled())
+    )
     images = differentiable_sample(
-        context, cond, uncond, torch.full((2, STEPS), 5.0), num_steps=STEPS, eta=0.0,
-        window=GradientWindow(window_steps, checkpointed=True), generator=torch.Generator().manual_seed(0),
+        context,
+        cond,
+        uncond,
+        torch.full((2, STEPS), 5.0),
+        num_steps=STEPS,
+        eta=0.0,
+        window=GradientWindow(window_steps, checkpointed=True),
+        generator=torch.Generator().manual_seed(0),
     )
     calls_while_sampling = list(grad_modes)
     images.mean().backward()
@@ -74,8 +84,17 @@ def test_gradients_flow_only_through_the_last_k_steps():
 
 
 def test_random_truncation_draws_k_in_range_reproducibly():
-    config = load_config(None, ["method=alignprop", "model=tiny-random", "reward=aesthetic",
-                                "alignprop.truncation_steps=5", "eval.prompt_sets=[]", "eval.rewards=[]"])
+    config = load_config(
+        None,
+        [
+            "method=alignprop",
+            "model=tiny-random",
+            "reward=aesthetic",
+            "alignprop.truncation_steps=5",
+            "eval.prompt_sets=[]",
+            "eval.rewards=[]",
+        ],
+    )
     method = AlignProp(None, config)
     draws = [method.truncation(torch.Generator().manual_seed(s)) for s in range(40)]
     assert set(draws) == {1, 2, 3, 4, 5}

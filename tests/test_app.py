@@ -8,6 +8,7 @@ gr = pytest.importorskip("gradio", reason="the app needs the app extra: pip inst
 
 from diffalign.app import example_images
 from diffalign.app.callbacks import Callbacks
+
 from diffalign.cli import main
 from diffalign.inpainting import load_inpainting
 

@@ -56,8 +56,9 @@ def free_port() -> int:
 @pytest.fixture()
 def served():
     """(URL, native side) of the app, served from a background thread on a free localhost port."""
-    from diffalign import protection_io
     from diffalign.app import create_app, launch
+
+    from diffalign import protection_io
     from diffalign.inpainting import load_inpainting
 
     pipe = load_inpainting(MODEL)

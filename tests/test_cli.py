@@ -14,7 +14,14 @@ def test_train_help_lists_methods_rewards_prompt_sets_and_keys(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for expected in ("ddpo", "jpeg-compressibility", "pickscore", "simple-animals", "ddpo.clip_range", "--resume"):
+    for expected in (
+        "ddpo",
+        "jpeg-compressibility",
+        "pickscore",
+        "simple-animals",
+        "ddpo.clip_range",
+        "--resume",
+    ):
         assert expected in text
 
 
@@ -29,8 +36,18 @@ def test_rewards_listing(capsys):
     [
         (["train", "--set", "reward=pickscor"], "did you mean 'pickscore'"),
         (["train", "--set", "sample.stepz=3"], "unknown config key 'sample.stepz'"),
-        (["train", "--set", "model=/no/such/folder", "--set", "eval.prompt_sets=[]", "--output-dir", "{tmp}/r"],
-         "does not exist"),
+        (
+            [
+                "train",
+                "--set",
+                "model=/no/such/folder",
+                "--set",
+                "eval.prompt_sets=[]",
+                "--output-dir",
+                "{tmp}/r",
+            ],
+            "does not exist",
+        ),
         (["train", "--set", "model=/models/sd15"], "eval.prompt_sets"),
         (["score", "--reward", "jpeg", "--images", "{tmp}"], "unknown reward"),
     ],
@@ -65,7 +82,9 @@ def test_corrupt_image_is_named(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "diffalign.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffalign.cli", "--help"], capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0 and "train" in result.stdout
 
 
@@ -84,6 +103,38 @@ def test_train_ends_with_a_before_after_summary_read_from_its_metrics(tmp_path, 
     before, after = records[0][key], records[-1][key]
     assert "before -> after (epoch 0 -> 2" in out
     line = next(line for line in out.splitlines() if key in line)
-    assert f"{before:.3f} -> {after:.3f} ({after - before:+.3f})" in line and line.endswith("(training reward)")
+    assert f"{before:.3f} -> {after:.3f} ({after - before:+.3f})" in line and line.endswith(
+        "(training reward)"
+    )
     assert "time: " in out and str(run / "samples") in out and str(run / "reward_curve.png") in out
     assert (run / "samples" / "epoch-0002.png").is_file() and (run / "reward_curve.png").is_file()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["rewards"], ["train", "--help"]])
+def test_listing_commands_import_no_torch_and_no_study(argv):
+    """The command tree is built without importing commands' modules: help and listings stay fast
+    (benchmarks/cli_startup.py measures it)."""
+    script = (
+        "import sys\n"
+        "from diffalign.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('LOADED', sorted(m for m in ('torch', 'scipy', 'matplotlib', 'open_clip', 'diffalign.benchmarks') "
+        "if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    loaded = result.stdout.strip().splitlines()[-1]
+    if argv[0] == "train":  # lists the methods and their config keys: torch code (and diffusers' scipy)
+        assert "open_clip" not in loaded and "matplotlib" not in loaded and "benchmarks" not in loaded
+    else:
+        assert loaded == "LOADED []"
+
+
+def test_python_dash_m_diffalign_runs_the_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "diffalign", "rewards"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and "shapes-oracle" in result.stdout

@@ -41,8 +41,15 @@ def test_bad_values_are_rejected_with_a_useful_message(override, message):
 
 def test_accumulation_must_divide_the_epoch():
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
-        load_config(None, ["sample.batch_size=4", "sample.num_batches_per_epoch=1", "train.batch_size=2",
-                           "train.gradient_accumulation_steps=3"])
+        load_config(
+            None,
+            [
+                "sample.batch_size=4",
+                "sample.num_batches_per_epoch=1",
+                "train.batch_size=2",
+                "train.gradient_accumulation_steps=3",
+            ],
+        )
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -33,7 +33,9 @@ def test_stat_tracker_state_round_trip():
     restored = PerPromptStatTracker(buffer_size=3, min_count=1)
     restored.load_state_dict(tracker.state_dict())
     assert list(restored.history["a"]) == [1.0, 2.0, 3.0]
-    assert torch.equal(restored.update(["a"], torch.tensor([7.0])), tracker.update(["a"], torch.tensor([7.0])))
+    assert torch.equal(
+        restored.update(["a"], torch.tensor([7.0])), tracker.update(["a"], torch.tensor([7.0]))
+    )
 
 
 def test_ppo_clip_loss_matches_hand_computation():
@@ -57,29 +59,59 @@ def test_importance_ratio_is_exactly_one_before_the_first_update():
     reward = rewards.build("jpeg-compressibility")
     context = TrainContext(pipe, pipe.unet, None, accelerator, reward, ["a cat", "a dog", "a fox"], [])
     trajectory, _ = collect_rollouts(
-        context, batch_size=6, num_batches=1, images_per_prompt=2, shared_initial_noise=True, num_steps=5, guidance_scale=5.0, eta=1.0, negative_prompt="",
+        context,
+        batch_size=6,
+        num_batches=1,
+        images_per_prompt=2,
+        shared_initial_noise=True,
+        num_steps=5,
+        guidance_scale=5.0,
+        eta=1.0,
+        negative_prompt="",
         generator=torch.Generator().manual_seed(0),
     )
     pipe.unet.train()
     for step in range(5):  # the sampling layout: all six images at once
         every = torch.full((6,), step)
-        noise = guided_noise(pipe.unet, trajectory.latents[:, step], trajectory.timesteps[every],
-                             trajectory.prompt_embeds, trajectory.negative_prompt_embeds,
-                             trajectory.guidance_scales[:, step])
-        _, log_prob = ddim_step_with_logprob(pipe.scheduler, noise, trajectory.timesteps[every],
-                                             trajectory.latents[:, step], eta=1.0,
-                                             prev_sample=trajectory.latents[:, step + 1])
+        noise = guided_noise(
+            pipe.unet,
+            trajectory.latents[:, step],
+            trajectory.timesteps[every],
+            trajectory.prompt_embeds,
+            trajectory.negative_prompt_embeds,
+            trajectory.guidance_scales[:, step],
+        )
+        _, log_prob = ddim_step_with_logprob(
+            pipe.scheduler,
+            noise,
+            trajectory.timesteps[every],
+            trajectory.latents[:, step],
+            eta=1.0,
+            prev_sample=trajectory.latents[:, step + 1],
+        )
         assert torch.equal(log_prob, trajectory.log_probs[:, step])
-    step_order = torch.stack([torch.randperm(5, generator=torch.Generator().manual_seed(i)) for i in range(6)])
+    step_order = torch.stack(
+        [torch.randperm(5, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    )
     for start in range(0, 6, 2):
         rows = torch.arange(start, start + 2)
         for position in range(5):
             step = step_order[rows, position]
-            noise = guided_noise(pipe.unet, trajectory.latents[rows, step], trajectory.timesteps[step],
-                                 trajectory.prompt_embeds[rows], trajectory.negative_prompt_embeds[rows],
-                                 trajectory.guidance_scales[rows, step])
-            _, log_prob = ddim_step_with_logprob(pipe.scheduler, noise, trajectory.timesteps[step],
-                                                 trajectory.latents[rows, step], eta=1.0,
-                                                 prev_sample=trajectory.latents[rows, step + 1])
+            noise = guided_noise(
+                pipe.unet,
+                trajectory.latents[rows, step],
+                trajectory.timesteps[step],
+                trajectory.prompt_embeds[rows],
+                trajectory.negative_prompt_embeds[rows],
+                trajectory.guidance_scales[rows, step],
+            )
+            _, log_prob = ddim_step_with_logprob(
+                pipe.scheduler,
+                noise,
+                trajectory.timesteps[step],
+                trajectory.latents[rows, step],
+                eta=1.0,
+                prev_sample=trajectory.latents[rows, step + 1],
+            )
             ratio = torch.exp(log_prob - trajectory.log_probs[rows, step])
             assert (ratio - 1).abs().max() < 1e-5

@@ -4,15 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    EulerDiscreteScheduler,
-    PNDMScheduler,
-    StableDiffusionInpaintPipeline,
-)
-
-from diffalign import pipeline
 from diffalign.defenses import (
     METHODS,
     MaskAugmentation,
@@ -23,6 +14,15 @@ from diffalign.defenses import (
     photoguard,
     protect,
 )
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionInpaintPipeline,
+)
+
+from diffalign import pipeline
 from diffalign.inpainting import (
     edit,
     encode_text,
@@ -32,7 +32,7 @@ from diffalign.inpainting import (
 )
 
 SIZE = 32  # tiny-random-inpaint: 32×32 images, 16×16 latents
-FAST = dict(budget=16 / 255, step_size=4 / 255, steps=4)
+FAST = {"budget": 16 / 255, "step_size": 4 / 255, "steps": 4}
 
 
 @pytest.fixture(scope="module")

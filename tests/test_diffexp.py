@@ -55,10 +55,23 @@ def test_exploration_changes_the_samples(tiny_pipe):
     explorer = _diffexp(tiny_pipe)
     prompts = ["a red circle", "a blue square"]
     explored = explorer.explore(prompts, torch.Generator().manual_seed(0))
-    plain = sample(tiny_pipe, prompts, num_steps=10, guidance_scale=5.0, eta=1.0,
-                   generator=torch.Generator().manual_seed(1))
-    varied = sample(tiny_pipe, prompts, num_steps=10, guidance_scale=explored.guidance_scales, eta=1.0,
-                    generator=torch.Generator().manual_seed(1), prompt_embeds=explored.prompt_embeds)
+    plain = sample(
+        tiny_pipe,
+        prompts,
+        num_steps=10,
+        guidance_scale=5.0,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(1),
+    )
+    varied = sample(
+        tiny_pipe,
+        prompts,
+        num_steps=10,
+        guidance_scale=explored.guidance_scales,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(1),
+        prompt_embeds=explored.prompt_embeds,
+    )
     assert (plain.images - varied.images).abs().max() > 1e-3
     assert torch.equal(varied.guidance_scales, explored.guidance_scales.to(varied.guidance_scales))
 
@@ -67,21 +80,47 @@ def test_importance_ratio_is_exactly_one_with_diffexp_on():
     pipe = pipeline.load("tiny-random")
     pipeline.add_lora(pipe)
     explorer = DiffExp(pipe, DiffExpSection(), guidance_scale=5.0, num_steps=5)
-    context = TrainContext(pipe, pipe.unet, None, Accelerator(), rewards.build("jpeg-compressibility"),
-                           ["a cat", "a dog fetching a ball"], [], explorer)
+    context = TrainContext(
+        pipe,
+        pipe.unet,
+        None,
+        Accelerator(),
+        rewards.build("jpeg-compressibility"),
+        ["a cat", "a dog fetching a ball"],
+        [],
+        explorer,
+    )
     trajectory, _ = collect_rollouts(
-        context, batch_size=4, num_batches=1, images_per_prompt=2, shared_initial_noise=True, num_steps=5, guidance_scale=5.0, eta=1.0,
-        negative_prompt="", generator=torch.Generator().manual_seed(0),
+        context,
+        batch_size=4,
+        num_batches=1,
+        images_per_prompt=2,
+        shared_initial_noise=True,
+        num_steps=5,
+        guidance_scale=5.0,
+        eta=1.0,
+        negative_prompt="",
+        generator=torch.Generator().manual_seed(0),
     )
     assert not torch.equal(trajectory.guidance_scales[:, 0], torch.full((4,), 5.0))
     pipe.unet.train()
     for step in range(5):
-        noise = guided_noise(pipe.unet, trajectory.latents[:, step], trajectory.timesteps[step],
-                             trajectory.prompt_embeds, trajectory.negative_prompt_embeds,
-                             trajectory.guidance_scales[:, step])
-        _, log_prob = ddim_step_with_logprob(pipe.scheduler, noise, trajectory.timesteps[step],
-                                             trajectory.latents[:, step], eta=1.0,
-                                             prev_sample=trajectory.latents[:, step + 1])
+        noise = guided_noise(
+            pipe.unet,
+            trajectory.latents[:, step],
+            trajectory.timesteps[step],
+            trajectory.prompt_embeds,
+            trajectory.negative_prompt_embeds,
+            trajectory.guidance_scales[:, step],
+        )
+        _, log_prob = ddim_step_with_logprob(
+            pipe.scheduler,
+            noise,
+            trajectory.timesteps[step],
+            trajectory.latents[:, step],
+            eta=1.0,
+            prev_sample=trajectory.latents[:, step + 1],
+        )
         assert torch.equal(torch.exp(log_prob - trajectory.log_probs[:, step]), torch.ones(4))
 
 

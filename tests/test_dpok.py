@@ -15,8 +15,9 @@ def _means(pipe, trajectory, step):
     scales = trajectory.guidance_scales[:, step]
 
     def mean_of_step():
-        noise = guided_noise(pipe.unet, latents, timestep, trajectory.prompt_embeds,
-                             trajectory.negative_prompt_embeds, scales)
+        noise = guided_noise(
+            pipe.unet, latents, timestep, trajectory.prompt_embeds, trajectory.negative_prompt_embeds, scales
+        )
         return ddim_posterior(pipe.scheduler, noise, timestep, latents, eta=1.0)
 
     mean, std = mean_of_step()
@@ -29,7 +30,9 @@ def _means(pipe, trajectory, step):
 def test_kl_to_pretrained_is_zero_at_adapter_init_and_positive_after_a_change():
     pipe = pipeline.load("tiny-random")
     pipeline.add_lora(pipe)
-    trajectory = sample(pipe, ["a cat", "a dog"], num_steps=4, eta=1.0, generator=torch.Generator().manual_seed(0))
+    trajectory = sample(
+        pipe, ["a cat", "a dog"], num_steps=4, eta=1.0, generator=torch.Generator().manual_seed(0)
+    )
     for step in range(4):
         mean, reference, std = _means(pipe, trajectory, step)
         assert torch.equal(kl_to_reference(mean, reference, std), torch.zeros(2))
@@ -41,7 +44,8 @@ def test_kl_to_pretrained_is_zero_at_adapter_init_and_positive_after_a_change():
     assert (kl > 0).all()
     # Against the closed form computed independently with torch.distributions (per dimension, averaged).
     expected = torch.distributions.kl_divergence(
-        torch.distributions.Normal(mean, std.expand_as(mean)), torch.distributions.Normal(reference, std.expand_as(mean))
+        torch.distributions.Normal(mean, std.expand_as(mean)),
+        torch.distributions.Normal(reference, std.expand_as(mean)),
     ).mean(dim=(1, 2, 3))
     torch.testing.assert_close(kl, expected, rtol=1e-5, atol=1e-9)
     assert any(p.requires_grad for p in pipe.unet.parameters())  # adapter switched back on
@@ -51,8 +55,12 @@ def test_replay_buffer_keeps_recent_epochs_and_pairs_transitions_with_their_rewa
     pipe = pipeline.load("tiny-random")
     buffer = ReplayBuffer(epochs=2)
     for epoch in range(3):
-        trajectory = sample(pipe, [f"prompt {epoch} {i}" for i in range(3)], num_steps=3,
-                            generator=torch.Generator().manual_seed(epoch))
+        trajectory = sample(
+            pipe,
+            [f"prompt {epoch} {i}" for i in range(3)],
+            num_steps=3,
+            generator=torch.Generator().manual_seed(epoch),
+        )
         buffer.add(trajectory, trajectory.latents[:, 0].mean(dim=(1, 2, 3)))
     assert len(buffer.entries) == 2 and buffer.entries[0][0].prompts[0] == "prompt 1 0"
     assert buffer.entries[0][0].images.numel() == 0  # images are not kept

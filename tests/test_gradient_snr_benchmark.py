@@ -6,8 +6,8 @@ from diffalign.benchmarks import gradient_snr
 
 
 def test_quick_run_writes_cosines(tmp_path, capsys):
-    output = tmp_path / "snr.json"
-    gradient_snr.main(["--quick", "--output", str(output)])
+    gradient_snr.main(["--quick", "--output", str(tmp_path / "study")])
+    output = tmp_path / "study" / "gradient_snr.json"
     entry = json.loads(output.read_text("utf-8"))["rewards"]["brightness"]
     assert set(entry) == {"policy_gradient_independent_noise", "policy_gradient_shared_noise", "pathwise"}
     assert all(-1 <= value["mean"] <= 1 and value["pairs"] == 3 for value in entry.values())

@@ -16,10 +16,21 @@ from diffalign.optim.grpo import GRPO, group_advantages
 from diffalign.sampling import ddim_posterior, guided_noise
 from diffalign.train import Trainer, train
 
-TINY = ["method=ddpo", "model=tiny-random", "reward=jpeg-compressibility", "prompts=simple-animals", "eval.prompt_sets=[]",
-        "eval.rewards=[]", "eval.size=4", "sample.num_steps=3", "sample.batch_size=4",
-        "sample.num_batches_per_epoch=1", "train.batch_size=2", "tensorboard=false",
-        "sample.stochastic_steps=[]"]  # the grpo preset's window is for 20 steps
+TINY = [
+    "method=ddpo",
+    "model=tiny-random",
+    "reward=jpeg-compressibility",
+    "prompts=simple-animals",
+    "eval.prompt_sets=[]",
+    "eval.rewards=[]",
+    "eval.size=4",
+    "sample.num_steps=3",
+    "sample.batch_size=4",
+    "sample.num_batches_per_epoch=1",
+    "train.batch_size=2",
+    "tensorboard=false",
+    "sample.stochastic_steps=[]",
+]  # the grpo preset's window is for 20 steps
 
 
 def test_group_advantages_match_an_independent_computation():
@@ -36,23 +47,32 @@ def test_grpo_needs_groups_and_lora_for_its_kl():
     with pytest.raises(ValueError, match="images_per_prompt must be at least 2"):
         load_config(None, [*TINY, "method=grpo", "sample.images_per_prompt=1"])
     with pytest.raises(ValueError, match="lora.enabled=true"):
-        load_config(None, [*TINY, "method=grpo", "grpo.kl_weight=0.1", "lora.enabled=false", "sample.images_per_prompt=2"])
+        load_config(
+            None,
+            [*TINY, "method=grpo", "grpo.kl_weight=0.1", "lora.enabled=false", "sample.images_per_prompt=2"],
+        )
 
 
 def test_grpo_kl_is_zero_at_init_and_the_gaussian_kl_after_a_change():
     config = load_config(None, [*TINY, "method=grpo", "grpo.kl_weight=0.5", "sample.images_per_prompt=2"])
     pipe = pipeline.load("tiny-random")
     pipeline.add_lora(pipe)
-    context = TrainContext(pipe, pipe.unet, None, Accelerator(cpu=True), rewards.build("jpeg-compressibility"),
-                           ["a cat"], [])
+    context = TrainContext(
+        pipe, pipe.unet, None, Accelerator(cpu=True), rewards.build("jpeg-compressibility"), ["a cat"], []
+    )
     method = GRPO(context, config)
     from diffalign.sampling import sample
 
     trajectory = sample(pipe, ["a cat", "a cat"], num_steps=3, generator=torch.Generator().manual_seed(0))
     pipe.scheduler.set_timesteps(3)
     rows, step = torch.arange(2), torch.tensor([1, 1])
-    args = (trajectory.latents[rows, step], trajectory.timesteps[step], trajectory.prompt_embeds,
-            trajectory.negative_prompt_embeds, trajectory.guidance_scales[rows, step])
+    args = (
+        trajectory.latents[rows, step],
+        trajectory.timesteps[step],
+        trajectory.prompt_embeds,
+        trajectory.negative_prompt_embeds,
+        trajectory.guidance_scales[rows, step],
+    )
     noise = guided_noise(pipe.unet, *args)
     assert method.regulariser(trajectory, rows, step, noise)["kl_to_reference"].item() == 0.0
     with torch.no_grad():  # move the adapter's up-projections off zero

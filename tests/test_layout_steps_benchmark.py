@@ -24,8 +24,13 @@ def test_auroc_matches_the_rank_sum_formula():
 
 
 def test_converse_swaps_only_the_relation():
-    assert layout_steps.conversed("a red circle left of a blue square") == "a red circle right of a blue square"
-    assert layout_steps.conversed("a green triangle above a cyan circle") == "a green triangle below a cyan circle"
+    assert (
+        layout_steps.conversed("a red circle left of a blue square") == "a red circle right of a blue square"
+    )
+    assert (
+        layout_steps.conversed("a green triangle above a cyan circle")
+        == "a green triangle below a cyan circle"
+    )
 
 
 def test_quick_probe_writes_every_step(tmp_path):

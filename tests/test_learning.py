@@ -15,11 +15,24 @@ from diffalign.train import train
 
 pytestmark = pytest.mark.slow
 # Pinned in full: these runs must not change when the (ShapesWorld-tuned) defaults do.
-TINY_RANDOM_JOB = ("method=ddpo", "model=tiny-random", "reward=jpeg-compressibility", "prompts=simple-animals",
-                   "sample.images_per_prompt=1", "ddpo.stat_min_count=16",
-                   "train.timestep_fraction=1.0", "train.inner_epochs=1", "train.gradient_accumulation_steps=1",
-                   "lora.rank=4", "sample.eta=1.0", "sample.guidance_scale=5.0",
-                   "eval.prompt_sets=[]", "eval.rewards=[]", "eval.size=4", "eval.every=100")
+TINY_RANDOM_JOB = (
+    "method=ddpo",
+    "model=tiny-random",
+    "reward=jpeg-compressibility",
+    "prompts=simple-animals",
+    "sample.images_per_prompt=1",
+    "ddpo.stat_min_count=16",
+    "train.timestep_fraction=1.0",
+    "train.inner_epochs=1",
+    "train.gradient_accumulation_steps=1",
+    "lora.rank=4",
+    "sample.eta=1.0",
+    "sample.guidance_scale=5.0",
+    "eval.prompt_sets=[]",
+    "eval.rewards=[]",
+    "eval.size=4",
+    "eval.every=100",
+)
 
 
 def _rise_and_margin(history: list[dict]) -> tuple[float, float]:
@@ -31,11 +44,22 @@ def _rise_and_margin(history: list[dict]) -> tuple[float, float]:
 def test_ddpo_raises_jpeg_compressibility_on_tiny_random(tmp_path):
     # Full-UNet updates: the random VAE turns latents into high-frequency noise whose JPEG size a
     # rank-4 attention LoRA barely moves in a few epochs, while conv layers can smooth it.
-    config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", "epochs=5", "lora.enabled=false", "train.learning_rate=2e-3",
-        "ddpo.clip_range=1e-2", "sample.num_steps=4", "sample.batch_size=16", "sample.num_batches_per_epoch=2",
-        "train.batch_size=8", "tensorboard=false", *TINY_RANDOM_JOB,
-    ])
+    config = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "epochs=5",
+            "lora.enabled=false",
+            "train.learning_rate=2e-3",
+            "ddpo.clip_range=1e-2",
+            "sample.num_steps=4",
+            "sample.batch_size=16",
+            "sample.num_batches_per_epoch=2",
+            "train.batch_size=8",
+            "tensorboard=false",
+            *TINY_RANDOM_JOB,
+        ],
+    )
     history = train(config, progress=False).history
     rise, margin = _rise_and_margin(history)
     assert rise > margin, f"jpeg-compressibility rose by {rise:.4f} kB, needed > {margin:.4f}"
@@ -51,25 +75,48 @@ class Brightness:
 
 
 def test_ddpo_with_lora_follows_a_reward(tmp_path):
-    config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", "epochs=5", "train.learning_rate=1e-2", "ddpo.clip_range=1e-2",
-        "sample.num_steps=8", "sample.batch_size=16", "sample.num_batches_per_epoch=1", "train.batch_size=8",
-        "tensorboard=false", *TINY_RANDOM_JOB,
-    ])
+    config = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "epochs=5",
+            "train.learning_rate=1e-2",
+            "ddpo.clip_range=1e-2",
+            "sample.num_steps=8",
+            "sample.batch_size=16",
+            "sample.num_batches_per_epoch=1",
+            "train.batch_size=8",
+            "tensorboard=false",
+            *TINY_RANDOM_JOB,
+        ],
+    )
     history = train(config, reward=Brightness(), progress=False).history
     rise, margin = _rise_and_margin(history)
     assert rise > margin, f"brightness rose by {rise:.4f}, needed > {margin:.4f}"
 
 
-SHORT_JOB = ("sample.num_steps=6", "sample.batch_size=16", "sample.num_batches_per_epoch=1", "train.batch_size=8",
-             "tensorboard=false", *TINY_RANDOM_JOB)
+SHORT_JOB = (
+    "sample.num_steps=6",
+    "sample.batch_size=16",
+    "sample.num_batches_per_epoch=1",
+    "train.batch_size=8",
+    "tensorboard=false",
+    *TINY_RANDOM_JOB,
+)
 
 
 def test_ddpo_with_diffexp_follows_a_reward(tmp_path):
-    config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", "epochs=5", "exploration=diffexp", "train.learning_rate=1e-2",
-        "ddpo.clip_range=1e-2", *SHORT_JOB,
-    ])
+    config = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "epochs=5",
+            "exploration=diffexp",
+            "train.learning_rate=1e-2",
+            "ddpo.clip_range=1e-2",
+            *SHORT_JOB,
+        ],
+    )
     history = train(config, reward=Brightness(), progress=False).history
     rise, margin = _rise_and_margin(history)
     assert rise > margin, f"brightness rose by {rise:.4f}, needed > {margin:.4f}"
@@ -77,22 +124,38 @@ def test_ddpo_with_diffexp_follows_a_reward(tmp_path):
 
 @pytest.mark.parametrize("exploration", ["none", "diffexp"])
 def test_alignprop_follows_a_differentiable_reward(tmp_path, exploration):
-    config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", f"exploration={exploration}", "epochs=4",
-        "train.learning_rate=1e-2", "alignprop.truncation_steps=3", *SHORT_JOB, "method=alignprop",
-        "reward=aesthetic",  # validation needs a differentiable registered reward; Brightness is used
-    ])
+    config = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"exploration={exploration}",
+            "epochs=4",
+            "train.learning_rate=1e-2",
+            "alignprop.truncation_steps=3",
+            *SHORT_JOB,
+            "method=alignprop",
+            "reward=aesthetic",  # validation needs a differentiable registered reward; Brightness is used
+        ],
+    )
     history = train(config, reward=Brightness(), progress=False).history
     rise, margin = _rise_and_margin(history)
     assert rise > margin, f"brightness rose by {rise:.4f}, needed > {margin:.4f}"
 
 
 def test_refl_follows_a_differentiable_reward(tmp_path):
-    config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", "epochs=4", "train.learning_rate=1e-2",
-        "refl.first_step=1", "refl.last_step=4", *SHORT_JOB, "method=refl",
-        "reward=aesthetic",  # validation needs a differentiable registered reward; Brightness is used
-    ])
+    config = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "epochs=4",
+            "train.learning_rate=1e-2",
+            "refl.first_step=1",
+            "refl.last_step=4",
+            *SHORT_JOB,
+            "method=refl",
+            "reward=aesthetic",  # validation needs a differentiable registered reward; Brightness is used
+        ],
+    )
     history = train(config, reward=Brightness(), progress=False).history
     rise, margin = _rise_and_margin(history)
     assert rise > margin, f"brightness rose by {rise:.4f}, needed > {margin:.4f}"
@@ -101,10 +164,18 @@ def test_refl_follows_a_differentiable_reward(tmp_path):
 
 
 def test_dpok_follows_a_reward(tmp_path):
-    config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", "epochs=5", "train.learning_rate=1e-2",
-        "dpok.reward_weight=10", "dpok.updates_per_epoch=8", *SHORT_JOB, "method=dpok",
-    ])
+    config = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "epochs=5",
+            "train.learning_rate=1e-2",
+            "dpok.reward_weight=10",
+            "dpok.updates_per_epoch=8",
+            *SHORT_JOB,
+            "method=dpok",
+        ],
+    )
     history = train(config, reward=Brightness(), progress=False).history
     rise, margin = _rise_and_margin(history)
     assert rise > margin, f"brightness rose by {rise:.4f}, needed > {margin:.4f}"
@@ -112,11 +183,21 @@ def test_dpok_follows_a_reward(tmp_path):
 
 
 def test_grpo_follows_a_reward(tmp_path):
-    config = load_config(None, [
-        f"output_dir={tmp_path / 'run'}", "epochs=5", "train.learning_rate=1e-2",
-        "grpo.clip_range=1e-2", *SHORT_JOB, "method=grpo", "sample.images_per_prompt=4",
-        "sample.stochastic_steps=[]", "lora.init=default", "sample.shared_initial_noise=false",
-    ])
+    config = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            "epochs=5",
+            "train.learning_rate=1e-2",
+            "grpo.clip_range=1e-2",
+            *SHORT_JOB,
+            "method=grpo",
+            "sample.images_per_prompt=4",
+            "sample.stochastic_steps=[]",
+            "lora.init=default",
+            "sample.shared_initial_noise=false",
+        ],
+    )
     history = train(config, reward=Brightness(), progress=False).history
     rise, margin = _rise_and_margin(history)
     assert rise > margin, f"brightness rose by {rise:.4f}, needed > {margin:.4f}"

@@ -11,7 +11,9 @@ from diffalign.benchmarks import perf
 
 
 def _positive_finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 def test_quick_run_writes_positive_finite_figures(tmp_path):

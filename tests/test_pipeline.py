@@ -14,7 +14,7 @@ def test_tiny_random_is_a_real_sd_pipeline_with_ddim(tiny_pipe):
 
 def test_tiny_random_is_seeded(tiny_pipe_factory):
     first, second, other = tiny_pipe_factory(0), tiny_pipe_factory(0), tiny_pipe_factory(1)
-    weight = lambda pipe: next(pipe.unet.parameters())  # noqa: E731
+    weight = lambda pipe: next(pipe.unet.parameters())
     assert torch.equal(weight(first), weight(second))
     assert not torch.equal(weight(first), weight(other))
 

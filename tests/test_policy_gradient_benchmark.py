@@ -9,8 +9,12 @@ from diffalign.benchmarks import policy_gradient as pg
 
 def fake_run(variant, seed, changes, train_seconds, threads=1, base=0.8):
     return {
-        "variant": variant, "seed": seed, "threads": threads, "seconds": train_seconds[-1] + 60,
-        "train_seconds": train_seconds, "queries": [64 * 10 * i for i in range(len(changes))],
+        "variant": variant,
+        "seed": seed,
+        "threads": threads,
+        "seconds": train_seconds[-1] + 60,
+        "train_seconds": train_seconds,
+        "queries": [64 * 10 * i for i in range(len(changes))],
         "curves": {pg.TRAIN_ORACLE: [base + c for c in changes], pg.HELDOUT_ORACLE: [0.3] * len(changes)},
     }
 
@@ -52,8 +56,22 @@ def test_peer_runs_are_read_with_their_thread_count(tmp_path):
 
 
 def test_quick_run_writes_json_and_plot(tmp_path, capsys):
-    assert pg.main(["--quick", "--variants", "ddpo-gaussian", "--jobs", "1", "--threads", "1",
-                    "--output", str(tmp_path)]) == 0
+    assert (
+        pg.main(
+            [
+                "--quick",
+                "--variants",
+                "ddpo-gaussian",
+                "--jobs",
+                "1",
+                "--threads",
+                "1",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "policy_gradient.json").read_text())
     (run,) = result["runs"]
     assert run["threads"] == 1 and run["queries"] == [0, 16, 32]
@@ -64,7 +82,9 @@ def test_quick_run_writes_json_and_plot(tmp_path, capsys):
 def test_runs_trained_one_by_one_are_summarised_under_their_variant(tmp_path, capsys):
     seconds = [0, 600, 1200, 1800, 2400]
     paths = []
-    for seed, changes in enumerate(([0, 0.02, 0.05, 0.07, 0.08], [0, 0.03, 0.06, 0.06, 0.09], [0, 0, 0, 0.05, 0])):
+    for seed, changes in enumerate(
+        ([0, 0.02, 0.05, 0.07, 0.08], [0, 0.03, 0.06, 0.06, 0.09], [0, 0, 0, 0.05, 0])
+    ):
         path = tmp_path / f"run{seed}.json"
         path.write_text(json.dumps(fake_run("screen-name", seed, changes, seconds)))
         paths.append(f"ddpo-gaussian-lr3e-4={path}")

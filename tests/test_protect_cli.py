@@ -63,7 +63,7 @@ def test_protect_writes_a_png_perturbed_only_inside_the_mask_and_within_budget(f
     assert change[:, inside[0]].max() <= BUDGET + ROUNDING
     assert change[:, inside[0]].max() >= BUDGET - ROUNDING  # steps of 4/255 reach it somewhere
     printed_psnr = float(out.split("PSNR vs the original: ")[1].split(" dB")[0])
-    assert printed_psnr == pytest.approx(protection_io.psnr(original, protected), abs=0.01)
+    assert printed_psnr == pytest.approx(images.psnr(original, protected), abs=0.01)
 
 
 def test_protect_shows_a_progress_bar_driven_by_the_steps(files, tmp_path, capsys):

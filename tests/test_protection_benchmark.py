@@ -34,12 +34,17 @@ def test_cases_keep_one_object_and_ask_for_another_second_object(cases):
         seen = case.masks["seen"][0].bool().numpy()
         inside = [d for d in detect(case.image) if seen[int(d.y * 32), int(d.x * 32)]]
         assert len(inside) == 1
-        assert (inside[0].colour, inside[0].shape) == (edit.entities[kept[0]].colour, edit.entities[kept[0]].shape)
+        assert (inside[0].colour, inside[0].shape) == (
+            edit.entities[kept[0]].colour,
+            edit.entities[kept[0]].shape,
+        )
         assert (case.kept.colour, case.kept.shape) == (inside[0].colour, inside[0].shape)
 
 
 def _pixels(scene: Scene) -> torch.Tensor:
-    return torch.from_numpy(np.array(render(scene))).permute(2, 0, 1) / 255  # a copy: renders are cached, read-only
+    return (
+        torch.from_numpy(np.array(render(scene))).permute(2, 0, 1) / 255
+    )  # a copy: renders are cached, read-only
 
 
 def test_kept_in_place_needs_the_same_object_where_it_was(cases):
@@ -64,9 +69,16 @@ def test_editor_input_change_is_zero_for_the_original_and_grows_with_the_perturb
     generator = torch.Generator().manual_seed(0)
     shifts = []
     for budget in (4 / 255, 32 / 255):
-        noisy = [(c.image + budget * torch.sign(torch.randn(c.image.shape, generator=generator)) * c.masks["seen"])
-                 .clamp(0, 1) for c in few]
-        shifts.append(protection.editor_input_change(pipe, few, noisy, timestep=951, noises=2)["latent_shift"])
+        noisy = [
+            (
+                c.image
+                + budget * torch.sign(torch.randn(c.image.shape, generator=generator)) * c.masks["seen"]
+            ).clamp(0, 1)
+            for c in few
+        ]
+        shifts.append(
+            protection.editor_input_change(pipe, few, noisy, timestep=951, noises=2)["latent_shift"]
+        )
     assert 0 < shifts[0] < shifts[1] < 1, shifts
 
 
@@ -129,7 +141,7 @@ def test_directional_similarity_prefers_the_requested_change(cases):
 @pytest.mark.slow
 def test_quick_benchmark_writes_table_json_and_figures(tmp_path, capsys):
     output = tmp_path / "protection.json"
-    cli.main(["bench", "protection", "--quick", "-o", str(output), "--no-progress"])
+    cli.main(["bench", "protection", "--quick", "-o", str(tmp_path), "--no-progress"])
     printed = capsys.readouterr().out
     assert "diffusionguard" in printed and "unprotected" in printed
     result = json.loads(output.read_text("utf-8"))
@@ -158,8 +170,11 @@ def test_command_line_settings():
 
     parser = argparse.ArgumentParser()
     protection.add_arguments(parser)
-    settings = protection.settings_from(parser.parse_args(
-        ["--budgets", "4", "16", "--methods", "diffusionguard", "--guard-editor-steps", "4"]))
+    settings = protection.settings_from(
+        parser.parse_args(
+            ["--budgets", "4", "16", "--methods", "diffusionguard", "--guard-editor-steps", "4"]
+        )
+    )
     assert settings.budgets == pytest.approx([4 / 255, 16 / 255])
     assert settings.methods == ["diffusionguard"] and settings.guard_editor_steps == 4
     with pytest.raises(SystemExit):

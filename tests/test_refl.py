@@ -18,10 +18,19 @@ def _refl_images(pipe, gradient_step: int):
     context = TrainContext(pipe, pipe.unet, None, Accelerator(), None, PROMPTS, [])
     cond, uncond = encode_prompts(pipe, PROMPTS)
     grad_modes: list[bool] = []
-    hook = pipe.unet.register_forward_pre_hook(lambda module, args: grad_modes.append(torch.is_grad_enabled()))
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args: grad_modes.append(torch.is_grad_enabled())
+    )
     images = x0_at_step(
-        context, cond, uncond, torch.full((2, STEPS), 5.0), num_steps=STEPS, eta=ETA,
-        gradient_step=gradient_step, checkpointed=True, generator=torch.Generator().manual_seed(0),
+        context,
+        cond,
+        uncond,
+        torch.full((2, STEPS), 5.0),
+        num_steps=STEPS,
+        eta=ETA,
+        gradient_step=gradient_step,
+        checkpointed=True,
+        generator=torch.Generator().manual_seed(0),
     )
     hook.remove()
     return images, grad_modes
@@ -62,8 +71,18 @@ def test_x0_prediction_and_its_gradient_match_diffusers_at_the_drawn_step():
 
 
 def test_gradient_step_is_drawn_in_the_window_reproducibly():
-    config = load_config(None, ["method=refl", "model=tiny-random", "reward=aesthetic",
-                                "refl.first_step=2", "refl.last_step=5", "eval.prompt_sets=[]", "eval.rewards=[]"])
+    config = load_config(
+        None,
+        [
+            "method=refl",
+            "model=tiny-random",
+            "reward=aesthetic",
+            "refl.first_step=2",
+            "refl.last_step=5",
+            "eval.prompt_sets=[]",
+            "eval.rewards=[]",
+        ],
+    )
     method = ReFL(None, config)
     draws = [method.window(torch.Generator().manual_seed(s)).steps for s in range(40)]
     assert set(draws) == {2, 3, 4, 5}
@@ -73,7 +92,10 @@ def test_gradient_step_is_drawn_in_the_window_reproducibly():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["reward=shapes-oracle"], "refl backpropagates through the reward, but 'shapes-oracle' is not differentiable"),
+        (
+            ["reward=shapes-oracle"],
+            "refl backpropagates through the reward, but 'shapes-oracle' is not differentiable",
+        ),
         (["refl.last_step=20"], r"window of denoising steps 0..19 \(sample.num_steps=20\), got 15..20"),
         (["refl.first_step=6", "refl.last_step=4"], r"got 6..4"),
         (["refl.reward_scale=0"], "refl.reward_scale must be positive"),

@@ -45,8 +45,13 @@ TINY = [
 
 
 def train_args(output: Path, *extra: str) -> list[str]:
-    return ["train", "--no-progress", *[a for item in (*TINY, *extra) for a in ("--set", item)],
-            "--output-dir", str(output)]
+    return [
+        "train",
+        "--no-progress",
+        *[a for item in (*TINY, *extra) for a in ("--set", item)],
+        "--output-dir",
+        str(output),
+    ]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -85,8 +90,18 @@ def test_output_equal_to_an_input_is_refused_and_the_input_kept(command, spellin
     if spelling == "symlink":
         output.symlink_to(image)
     extra = ["--steps", "1"] if command == "protect" else ["--prompt", "a cat", "--steps", "1"]
-    argv = [command, str(image), "--mask", str(mask), "-o", str(output), "--model", "tiny-random-inpaint",
-            "--overwrite", *extra]
+    argv = [
+        command,
+        str(image),
+        "--mask",
+        str(mask),
+        "-o",
+        str(output),
+        "--model",
+        "tiny-random-inpaint",
+        "--overwrite",
+        *extra,
+    ]
     assert main(argv) == 2
     assert "never overwrites an input" in capsys.readouterr().err
     assert {path: path.read_bytes() for path in before} == before
@@ -97,8 +112,20 @@ def test_existing_output_needs_overwrite(command, scene, capsys):
     image, mask = scene
     output = image.parent / "out.png"
     output.write_bytes(b"the user's own file")
-    extra = ["--steps", "1", "--no-progress"] if command == "protect" else ["--prompt", "a cat", "--steps", "1"]
-    argv = [command, str(image), "--mask", str(mask), "-o", str(output), "--model", "tiny-random-inpaint", *extra]
+    extra = (
+        ["--steps", "1", "--no-progress"] if command == "protect" else ["--prompt", "a cat", "--steps", "1"]
+    )
+    argv = [
+        command,
+        str(image),
+        "--mask",
+        str(mask),
+        "-o",
+        str(output),
+        "--model",
+        "tiny-random-inpaint",
+        *extra,
+    ]
     assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert output.read_bytes() == b"the user's own file"
@@ -121,8 +148,17 @@ def test_sample_and_score_never_overwrite_their_inputs(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     captions = tmp_path / "captions.txt"
     captions.write_text("a cat\na cat\na cat\n")
-    argv = ["score", "--reward", "jpeg-compressibility", "--images", str(folder), "--captions", str(captions),
-            "-o", str(captions)]
+    argv = [
+        "score",
+        "--reward",
+        "jpeg-compressibility",
+        "--images",
+        str(folder),
+        "--captions",
+        str(captions),
+        "-o",
+        str(captions),
+    ]
     assert main(argv) == 2
     assert "never overwrites an input" in capsys.readouterr().err
     assert captions.read_text() == "a cat\na cat\na cat\n"
@@ -189,9 +225,18 @@ def test_resume_with_another_experiment_is_refused_with_a_diff(change, tmp_path,
 def test_resume_with_more_processes_says_what_changes(tmp_path):
     run = tmp_path / "run"
     assert main(train_args(run, "epochs=1")) == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign.cli",
-               *train_args(run, "epochs=2"), "--resume"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "diffalign.cli",
+        *train_args(run, "epochs=2"),
+        "--resume",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "with 2 processes where it ran with 1" in result.stderr
     assert "8 images instead of 4" in result.stderr
@@ -211,7 +256,12 @@ def png_bytes(width: int, height: int, colour_type: int, depth: int, pixel: tupl
     fmt = ">" + ("H" if depth == 16 else "B") * len(pixel)
     rows = b"".join(b"\x00" + struct.pack(fmt, *pixel) * width for _ in range(height))
     header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def pillow_bytes(image: Image.Image, format: str, **options) -> bytes:
@@ -232,20 +282,25 @@ MODES = {
     "16-bit grey PNG, black": (png_bytes(4, 4, 0, 16, (0,)), [0.0] * 3),
     "16-bit RGB PNG": (png_bytes(4, 4, 2, 16, (0x8000, 0x4000, 0xFFFF)), [128 / 255, 64 / 255, 1.0]),
     "16-bit grey+alpha PNG": (png_bytes(4, 4, 4, 16, (0x0000, 0xFFFF)), [0.0] * 3),
-    "16-bit RGBA PNG, half transparent": (
-        png_bytes(4, 4, 6, 16, (0, 0, 0, 0x8000)), [1 - 128 / 255] * 3),
+    "16-bit RGBA PNG, half transparent": (png_bytes(4, 4, 6, 16, (0, 0, 0, 0x8000)), [1 - 128 / 255] * 3),
     "8-bit grey PNG": (png_bytes(4, 4, 0, 8, (51,)), [0.2] * 3),
     "1-bit PNG": (pillow_bytes(Image.new("1", (4, 4), 1), "PNG"), [1.0] * 3),
     "palette PNG": (pillow_bytes(_palette_image(), "PNG"), [10 / 255, 200 / 255, 30 / 255]),
     "palette PNG with a transparent colour": (
-        pillow_bytes(Image.new("P", (4, 4), 0), "PNG", transparency=0), [1.0] * 3),
-    "CMYK JPEG (pure cyan)": (pillow_bytes(Image.new("CMYK", (8, 8), (255, 0, 0, 0)), "JPEG", quality=100),
-                              [0.0, 1.0, 1.0]),
+        pillow_bytes(Image.new("P", (4, 4), 0), "PNG", transparency=0),
+        [1.0] * 3,
+    ),
+    "CMYK JPEG (pure cyan)": (
+        pillow_bytes(Image.new("CMYK", (8, 8), (255, 0, 0, 0)), "JPEG", quality=100),
+        [0.0, 1.0, 1.0],
+    ),
     "CMYK TIFF (red)": (pillow_bytes(Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "TIFF"), [1.0, 0.0, 0.0]),
     "LA PNG, transparent": (pillow_bytes(Image.new("LA", (4, 4), (0, 0)), "PNG"), [1.0] * 3),
     "RGBA PNG, opaque": (pillow_bytes(Image.new("RGBA", (4, 4), (255, 0, 0, 255)), "PNG"), [1.0, 0.0, 0.0]),
     "32-bit integer TIFF within 16 bits": (
-        pillow_bytes(Image.fromarray(np.full((4, 4), 65535, np.int32)), "TIFF"), [1.0] * 3),
+        pillow_bytes(Image.fromarray(np.full((4, 4), 65535, np.int32)), "TIFF"),
+        [1.0] * 3,
+    ),
 }
 
 
@@ -262,8 +317,10 @@ def test_each_image_mode_is_read_by_its_meaning(name, tmp_path):
 
 @pytest.mark.parametrize(
     ("image", "message"),
-    [(Image.fromarray(np.full((4, 4), 0.5, np.float32)), "floating-point"),
-     (Image.fromarray(np.full((4, 4), 100_000, np.int32)), "outside the 16-bit range")],
+    [
+        (Image.fromarray(np.full((4, 4), 0.5, np.float32)), "floating-point"),
+        (Image.fromarray(np.full((4, 4), 100_000, np.int32)), "outside the 16-bit range"),
+    ],
     ids=["float", "int32-out-of-range"],
 )
 def test_modes_without_a_meaning_are_refused_by_name(image, message, tmp_path, capsys):
@@ -291,7 +348,9 @@ def test_sixteen_bit_inputs_reach_the_commands_unsaturated(tmp_path, capsys):
     folder.mkdir()
     (folder / "dark.png").write_bytes(png_bytes(32, 32, 0, 16, (0x1000,)))
     csv_path = tmp_path / "scores.csv"
-    assert main(["score", "--reward", "jpeg-compressibility", "--images", str(folder), "-o", str(csv_path)]) == 0
+    assert (
+        main(["score", "--reward", "jpeg-compressibility", "--images", str(folder), "-o", str(csv_path)]) == 0
+    )
     expected = rewards.build("jpeg-compressibility")(torch.full((1, 3, 32, 32), 16 / 255), [""]).item()
     assert float(csv_path.read_text().splitlines()[1].split(",")[-1]) == pytest.approx(expected)
 
@@ -303,8 +362,19 @@ def test_sixteen_bit_inputs_reach_the_commands_unsaturated(tmp_path, capsys):
     image = tmp_path / "img.png"
     Image.new("RGB", (32, 32), (120, 90, 60)).save(image)
     out = tmp_path / "protected.png"
-    argv = ["protect", str(image), "--mask", str(mask), "-o", str(out), "--model", "tiny-random-inpaint",
-            "--steps", "2", "--no-progress"]
+    argv = [
+        "protect",
+        str(image),
+        "--mask",
+        str(mask),
+        "-o",
+        str(out),
+        "--model",
+        "tiny-random-inpaint",
+        "--steps",
+        "2",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     change = (images.load_image(out) - images.load_image(image)).abs().amax(dim=0)
     assert change[:, 16:].max() == 0 and change[:, :16].max() > 0
@@ -318,7 +388,10 @@ def immutable(tmp_path):
     """A folder nobody, root included, can write into (ext4's immutable flag)."""
     folder = tmp_path / "locked"
     folder.mkdir()
-    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
+    if (
+        shutil.which("chattr") is None
+        or subprocess.run(["chattr", "+i", str(folder)], check=False).returncode != 0
+    ):
         pytest.skip("chattr +i is not available on this file system")
     yield folder
     subprocess.run(["chattr", "-i", str(folder)], check=True)
@@ -326,8 +399,18 @@ def immutable(tmp_path):
 
 def test_read_only_output_folder_is_one_line_before_any_work(immutable, scene, capsys):
     image, mask = scene
-    argv = ["protect", str(image), "--mask", str(mask), "-o", str(immutable / "out.png"),
-            "--model", "tiny-random-inpaint", "--steps", "1"]
+    argv = [
+        "protect",
+        str(image),
+        "--mask",
+        str(mask),
+        "-o",
+        str(immutable / "out.png"),
+        "--model",
+        "tiny-random-inpaint",
+        "--steps",
+        "1",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not writable" in err
@@ -353,8 +436,9 @@ def test_full_disk_during_a_checkpoint_says_so_and_leaves_no_debris(tmp_path, ca
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch-0001", "latest"]
 
 
-
-@rewards.register("test-overflowing", description="a reward too large to average (tests)", differentiable=True)
+@rewards.register(
+    "test-overflowing", description="a reward too large to average (tests)", differentiable=True
+)
 class OverflowingReward:
     """Finite per image (so it passes the reward checks) but its mean overflows: the loss diverges."""
 
@@ -366,7 +450,9 @@ class OverflowingReward:
 
 def test_diverged_loss_is_one_line_with_what_was_kept(tmp_path, capsys):
     run = tmp_path / "run"
-    argv = train_args(run, "epochs=1", "method=alignprop", "reward=test-overflowing", "sample.images_per_prompt=1")
+    argv = train_args(
+        run, "epochs=1", "method=alignprop", "reward=test-overflowing", "sample.images_per_prompt=1"
+    )
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "loss is -inf; stopping before the update" in err and "Traceback" not in err
@@ -375,10 +461,14 @@ def test_diverged_loss_is_one_line_with_what_was_kept(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "argv",
-    [["sample", "--steps", "0"], ["sample", "-n", "-2"], ["sample", "--batch-size", "0"],
-     ["edit", "x.png", "--mask", "m.png", "--prompt", "p", "-o", "o.png", "--steps", "0"],
-     ["protect", "x.png", "--mask", "m.png", "-o", "o.png", "--steps", "-1"],
-     ["sample", "--eta", "nan"]],
+    [
+        ["sample", "--steps", "0"],
+        ["sample", "-n", "-2"],
+        ["sample", "--batch-size", "0"],
+        ["edit", "x.png", "--mask", "m.png", "--prompt", "p", "-o", "o.png", "--steps", "0"],
+        ["protect", "x.png", "--mask", "m.png", "-o", "o.png", "--steps", "-1"],
+        ["sample", "--eta", "nan"],
+    ],
 )
 def test_zero_or_negative_counts_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -389,15 +479,12 @@ def test_zero_or_negative_counts_are_refused_by_the_parser(argv, capsys):
 
 
 def test_programming_errors_keep_their_traceback(monkeypatch):
-    import diffalign.cli
+    import diffalign.cli.rewards
 
     def broken(args):
         raise ValueError("a bug, not a user error")
 
-    monkeypatch.setattr(diffalign.cli, "cmd_rewards", broken)
-    parser = diffalign.cli.build_parser()
-    monkeypatch.setattr(diffalign.cli, "build_parser", lambda: parser)
-    parser._subparsers._group_actions[0].choices["rewards"].set_defaults(handler=broken)
+    monkeypatch.setattr(diffalign.cli.rewards, "cmd_rewards", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["rewards"])
 
@@ -409,8 +496,12 @@ def test_leftovers_of_interrupted_checkpoints_are_removed_on_resume(tmp_path):
     run = tmp_path / "run"
     assert main(train_args(run, "epochs=1")) == 0
     checkpoints = run / "checkpoints"
-    debris = [checkpoints / ".tmp-epoch-0002-abc", checkpoints / f"{outputs.TEMPORARY_PREFIX}epoch-0002-x",
-              checkpoints / ".latest.q1w2e3", run / f"{outputs.TEMPORARY_PREFIX}metrics-1.jsonl"]
+    debris = [
+        checkpoints / ".tmp-epoch-0002-abc",
+        checkpoints / f"{outputs.TEMPORARY_PREFIX}epoch-0002-x",
+        checkpoints / ".latest.q1w2e3",
+        run / f"{outputs.TEMPORARY_PREFIX}metrics-1.jsonl",
+    ]
     for path in debris[:2]:
         path.mkdir()
         (path / "optimizer.pt").write_bytes(b"\0" * 1024)
@@ -463,12 +554,18 @@ def test_app_stopped_with_sigterm_removes_its_temporary_folder(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "-m", "diffalign.cli", "app", "--model", "tiny-random-inpaint",
-                               "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "diffalign.cli", "app", "--model", "tiny-random-inpaint", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob("diffalign-app-*")) or not _listening(port):
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read().decode()[-2000:]
+            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read().decode()[
+                -2000:
+            ]
             time.sleep(0.5)
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -489,13 +586,30 @@ def _listening(port: int) -> bool:
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["train", "--set", "model=shape"], "did you mean 'shapes'"),
-     (["sample", "--model", "tiny-randon", "--prompt", "a cat"], "did you mean 'tiny-random'"),
-     (["edit", "{img}", "--mask", "{mask}", "--prompt", "a", "-o", "{tmp}/o.png", "--model", "shapes-inpant"],
-      "did you mean 'shapes-inpaint'"),
-     (["sample", "--model", "tiny-random", "--prompt", "a cat", "--lora", "{tmp}/no-such-lora"],
-      "--lora '{tmp}/no-such-lora' is not a folder"),
-     (["sample", "--prompts", "{tmp}/latin1.txt"], "latin1.txt' is not UTF-8")],
+    [
+        (["train", "--set", "model=shape"], "did you mean 'shapes'"),
+        (["sample", "--model", "tiny-randon", "--prompt", "a cat"], "did you mean 'tiny-random'"),
+        (
+            [
+                "edit",
+                "{img}",
+                "--mask",
+                "{mask}",
+                "--prompt",
+                "a",
+                "-o",
+                "{tmp}/o.png",
+                "--model",
+                "shapes-inpant",
+            ],
+            "did you mean 'shapes-inpaint'",
+        ),
+        (
+            ["sample", "--model", "tiny-random", "--prompt", "a cat", "--lora", "{tmp}/no-such-lora"],
+            "--lora '{tmp}/no-such-lora' is not a folder",
+        ),
+        (["sample", "--prompts", "{tmp}/latin1.txt"], "latin1.txt' is not UTF-8"),
+    ],
 )
 def test_messages_name_what_was_wrong(argv, message, scene, tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("un caf\xe9\n".encode("latin-1"))
@@ -576,7 +690,9 @@ def _string_keys(cls=config.TrainConfig, prefix=""):
 
 
 @pytest.mark.parametrize("key", list(_string_keys()))
-@pytest.mark.parametrize("spelling", ["no", "off", "yes", "on", "y", "n", "007", "1e-3", "1:30", "0x10", "true"])
+@pytest.mark.parametrize(
+    "spelling", ["no", "off", "yes", "on", "y", "n", "007", "1e-3", "1:30", "0x10", "true"]
+)
 def test_every_string_key_keeps_yaml_boolean_and_number_spellings(key, spelling):
     for values in (config.parse_override(f"{key}={spelling}"), config.yaml_load(_as_yaml(key, spelling))):
         built = config._build(config.TrainConfig, values)
@@ -593,7 +709,9 @@ def _as_yaml(key: str, value: str) -> str:
 def test_numbers_and_booleans_still_parse_as_yaml_1_2():
     values = config.yaml_load("a: 1e-4\nb: 007\nc: true\nd: [1.0, 3]\ne: .inf\nf: no\n")
     assert values == {"a": 1e-4, "b": 7, "c": True, "d": [1.0, 3], "e": float("inf"), "f": "no"}
-    built = config.load_config(None, ["train.learning_rate=1e-4", "lora.enabled=no", "diffexp.low_guidance=[1, 2.5]"])
+    built = config.load_config(
+        None, ["train.learning_rate=1e-4", "lora.enabled=no", "diffexp.low_guidance=[1, 2.5]"]
+    )
     assert built.train.learning_rate == 1e-4 and built.lora.enabled is False
     assert built.diffexp.low_guidance == [1, 2.5] and type(built.diffexp.low_guidance[0]) is int
 

@@ -11,11 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from open_clip.transform import image_transform as open_clip_pil_transform
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
-
 from diffalign.rewards import (
     TINY_RANDOM,
     MissingCheckpointError,
@@ -28,6 +23,10 @@ from diffalign.rewards import (
 )
 from diffalign.rewards.aesthetic import AestheticMLP
 from diffalign.rewards.clip_preprocess import ClipImageTransform
+from open_clip.transform import image_transform as open_clip_pil_transform
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 MODEL_REWARDS = ["aesthetic", "clip-score", "hpsv2", "pickscore"]
 JPEG_REWARDS = ["jpeg-compressibility", "jpeg-incompressibility"]

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from diffalign.benchmarks import sample_efficiency as study_module
 
 
@@ -16,8 +15,16 @@ def test_summary_compares_changes_since_each_seeds_base():
     key = study_module.TRAIN_ORACLE
     # Bases differ by seed (each seed evaluates its own prompts); gains are 0.0, 0.1, 0.2.
     runs = [
-        {"variant": "ddpo", "seed": s, "seconds": 10.0 + s, "queries": [0, 8, 16],
-         "curves": {k: [0.5 + 0.3 * s, 0.5 + 0.3 * s + 0.05 * s, 0.5 + 0.4 * s] for k in study_module.CURVES.values()}}
+        {
+            "variant": "ddpo",
+            "seed": s,
+            "seconds": 10.0 + s,
+            "queries": [0, 8, 16],
+            "curves": {
+                k: [0.5 + 0.3 * s, 0.5 + 0.3 * s + 0.05 * s, 0.5 + 0.4 * s]
+                for k in study_module.CURVES.values()
+            },
+        }
         for s in range(3)
     ]
     summary = study_module.summarise(runs, target_gain=0.08)
@@ -33,9 +40,20 @@ def test_summary_compares_changes_since_each_seeds_base():
 
 @pytest.mark.slow
 def test_quick_study_writes_json_plot_and_table(tmp_path, capsys):
-    output = tmp_path / "study.json"
-    study_module.main(["--quick", "--jobs", "1", "--variants", "ddpo+diffexp", "alignprop", "dpok",
-                       "--output", str(output)])
+    study_module.main(
+        [
+            "--quick",
+            "--jobs",
+            "1",
+            "--variants",
+            "ddpo+diffexp",
+            "alignprop",
+            "dpok",
+            "--output",
+            str(tmp_path / "study"),
+        ]
+    )
+    output = tmp_path / "study" / "sample_efficiency.json"
     written = json.loads(output.read_text("utf-8"))
     assert [run["variant"] for run in written["runs"]] == ["ddpo+diffexp", "alignprop", "dpok"]
     for run in written["runs"]:

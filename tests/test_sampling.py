@@ -10,8 +10,14 @@ from diffalign import sampling
 
 
 def _scheduler(**config) -> DDIMScheduler:
-    base = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                set_alpha_to_one=False, steps_offset=1)
+    base = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+    }
     base.update(config)
     scheduler = DDIMScheduler(**base)
     scheduler.set_timesteps(10)
@@ -36,7 +42,9 @@ def test_step_matches_scheduler_step(config, eta):
         ours, _ = sampling.ddim_step_with_logprob(
             scheduler, noise_pred, timestep, latents, eta=eta, generator=torch.Generator().manual_seed(1)
         )
-        theirs = scheduler.step(noise_pred, timestep, latents, eta=eta, generator=torch.Generator().manual_seed(1))
+        theirs = scheduler.step(
+            noise_pred, timestep, latents, eta=eta, generator=torch.Generator().manual_seed(1)
+        )
         torch.testing.assert_close(ours, theirs.prev_sample, rtol=0, atol=1e-6)
 
 
@@ -47,7 +55,9 @@ def test_log_prob_is_the_gaussian_density_averaged_over_dimensions():
     eta = 0.8
     prev, log_prob = sampling.ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=eta)
     # Independent computation: the mean is the scheduler's step with zero noise, the std η·σ_t.
-    mean = scheduler.step(noise_pred, timestep, latents, eta=eta, variance_noise=torch.zeros_like(latents)).prev_sample
+    mean = scheduler.step(
+        noise_pred, timestep, latents, eta=eta, variance_noise=torch.zeros_like(latents)
+    ).prev_sample
     prev_timestep = timestep - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     std = eta * math.sqrt(scheduler._get_variance(timestep, prev_timestep))
     normal = torch.distributions.Normal(mean.double(), std)
@@ -77,15 +87,20 @@ def test_requires_set_timesteps():
 def test_eta_zero_reproduces_stock_pipeline(tiny_pipe):
     prompts = ["a cat", "a dog on a red sofa"]
     latents = sampling.initial_latents(tiny_pipe, 2, torch.Generator().manual_seed(0))
-    trajectory = sampling.sample(tiny_pipe, prompts, num_steps=8, guidance_scale=7.5, eta=0.0, latents=latents)
-    stock = tiny_pipe(prompts, num_inference_steps=8, guidance_scale=7.5, eta=0.0, latents=latents,
-                      output_type="pt").images
+    trajectory = sampling.sample(
+        tiny_pipe, prompts, num_steps=8, guidance_scale=7.5, eta=0.0, latents=latents
+    )
+    stock = tiny_pipe(
+        prompts, num_inference_steps=8, guidance_scale=7.5, eta=0.0, latents=latents, output_type="pt"
+    ).images
     torch.testing.assert_close(trajectory.images, stock, rtol=0, atol=1e-6)
 
 
 def test_trajectory_shapes_and_exact_rescoring(tiny_pipe):
     prompts = ["a cat", "a dog", "a fox"]
-    trajectory = sampling.sample(tiny_pipe, prompts, num_steps=6, eta=1.0, generator=torch.Generator().manual_seed(3))
+    trajectory = sampling.sample(
+        tiny_pipe, prompts, num_steps=6, eta=1.0, generator=torch.Generator().manual_seed(3)
+    )
     assert trajectory.latents.shape == (3, 7, 4, 16, 16)
     assert trajectory.log_probs.shape == (3, 6)
     assert trajectory.images.shape == (3, 3, 32, 32)
@@ -93,11 +108,19 @@ def test_trajectory_shapes_and_exact_rescoring(tiny_pipe):
     with torch.no_grad():
         for step, timestep in enumerate(trajectory.timesteps):
             noise = sampling.guided_noise(
-                tiny_pipe.unet, trajectory.latents[:, step], timestep, trajectory.prompt_embeds,
-                trajectory.negative_prompt_embeds, trajectory.guidance_scales[:, step],
+                tiny_pipe.unet,
+                trajectory.latents[:, step],
+                timestep,
+                trajectory.prompt_embeds,
+                trajectory.negative_prompt_embeds,
+                trajectory.guidance_scales[:, step],
             )
             _, log_prob = sampling.ddim_step_with_logprob(
-                tiny_pipe.scheduler, noise, timestep, trajectory.latents[:, step], eta=1.0,
+                tiny_pipe.scheduler,
+                noise,
+                timestep,
+                trajectory.latents[:, step],
+                eta=1.0,
                 prev_sample=trajectory.latents[:, step + 1],
             )
             assert torch.equal(log_prob, trajectory.log_probs[:, step])
@@ -112,10 +135,14 @@ def test_sampling_is_seeded(tiny_pipe):
 
 
 def test_select_and_concat_round_trip(tiny_pipe):
-    trajectory = sampling.sample(tiny_pipe, ["a", "b", "c"], num_steps=3, generator=torch.Generator().manual_seed(0))
+    trajectory = sampling.sample(
+        tiny_pipe, ["a", "b", "c"], num_steps=3, generator=torch.Generator().manual_seed(0)
+    )
     order = torch.tensor([2, 0, 1])
     picked = trajectory.select(order)
     assert picked.prompts == ["c", "a", "b"]
     assert torch.equal(picked.latents[0], trajectory.latents[2])
-    joined = sampling.Trajectory.concat([trajectory.select(torch.tensor([0])), trajectory.select(torch.tensor([1, 2]))])
+    joined = sampling.Trajectory.concat(
+        [trajectory.select(torch.tensor([0])), trajectory.select(torch.tensor([1, 2]))]
+    )
     assert torch.equal(joined.log_probs, trajectory.log_probs)

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from diffalign import cli, pipeline
 from diffalign.inpainting import edit, load_inpainting
 from diffalign.shapes import assets, detect, inpaint_training, parse, render, scene_for
+from diffalign.shapes import cli as shapes_cli
 from diffalign.shapes.inpaint_training import (
     MASK_MIX,
     InpaintTrainingConfig,
@@ -35,8 +36,9 @@ from diffalign.shapes.inpaint_training import (
 from diffalign.shapes.training import render_dataset
 from diffalign.shapes.world import BACKGROUND
 
-TOY = InpaintTrainingConfig(dataset_size=48, steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2,
-                            eval_scenes=2, eval_steps=2)
+TOY = InpaintTrainingConfig(
+    dataset_size=48, steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2, eval_scenes=2, eval_steps=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +152,14 @@ def test_recipe_writes_a_standalone_diffusers_inpainting_folder(toy_output):
     assert torch.equal(plain.unet.conv_in.weight, weight)
     editor = load_inpainting(str(folder / "pipeline"))
     edits = edit_set(1, seed=3)
-    out = edit(editor, edits.images[0], edits.keep_masks[0], edits.prompts[0], steps=2,
-               generator=torch.Generator().manual_seed(0))
+    out = edit(
+        editor,
+        edits.images[0],
+        edits.keep_masks[0],
+        edits.prompts[0],
+        steps=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
 
     assert set(report["evaluation"]) == {"inpainting", "blended-base"}
@@ -188,7 +196,7 @@ def test_shapes_inpaint_loads_by_name_from_the_installed_unet(toy_output, tmp_pa
 
     argv = ["shapes", "train-inpaint", "-o", str(tmp_path), "--steps", "3", "--install"]
     args = cli.build_parser().parse_args(argv)
-    assert args.handler is cli.cmd_shapes_train_inpaint and args.steps == 3 and args.install
+    assert args.handler is shapes_cli.train_inpaint and args.steps == 3 and args.install
 
 
 def test_missing_and_damaged_inpaint_weights_name_the_file_and_the_command(toy_output, tmp_path, monkeypatch):

@@ -6,16 +6,23 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 from transformers import CLIPModel
 
 from diffalign import pipeline, rewards
 from diffalign.shapes import assets, parse, render, scene_for
 from diffalign.shapes.training import ShapesTrainingConfig, train_all
 
-TINY_RECIPE = ShapesTrainingConfig(dataset_size=200, clip_steps=2, vae_steps=2, unet_steps=2,
-                                   clip_batch_size=16, vae_batch_size=8, unet_batch_size=8)
+TINY_RECIPE = ShapesTrainingConfig(
+    dataset_size=200,
+    clip_steps=2,
+    vae_steps=2,
+    unet_steps=2,
+    clip_batch_size=16,
+    vae_batch_size=8,
+    unet_batch_size=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +64,9 @@ def test_missing_and_damaged_weights_name_the_file_and_the_rebuild_command(tiny_
     broken = tmp_path / "pipeline"
     shutil.copytree(folder / "pipeline", broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(assets.ShapesWeightsError, match=r"unet/diffusion_pytorch_model.safetensors is missing") as error:
+    with pytest.raises(
+        assets.ShapesWeightsError, match=r"unet/diffusion_pytorch_model.safetensors is missing"
+    ) as error:
         assets.load_pipeline(broken)
     assert "diffalign shapes train" in str(error.value)
     shutil.copytree(folder / "pipeline", tmp_path / "p2")
@@ -71,7 +80,9 @@ def test_shapes_oracle_reward():
     oracle = rewards.build("shapes-oracle")
     rng = np.random.default_rng(0)
     prompts = ["a red circle", "two blue squares", "a green circle left of a yellow triangle"]
-    images = torch.stack([torch.from_numpy(np.array(render(scene_for(parse(p), rng)))).permute(2, 0, 1) / 255 for p in prompts])
+    images = torch.stack(
+        [torch.from_numpy(np.array(render(scene_for(parse(p), rng)))).permute(2, 0, 1) / 255 for p in prompts]
+    )
     assert oracle(images.float(), prompts).tolist() == [1.0, 1.0, 1.0]
     swapped = ["a blue circle", "three blue squares", "a green circle right of a yellow triangle"]
     assert (oracle(images.float(), swapped) < 1).all()
@@ -93,8 +104,16 @@ def test_shapes_clip_is_differentiable_and_prefers_the_right_caption():
     reward = rewards.build("shapes-clip")
     rng = np.random.default_rng(1)
     prompts = ["a red circle", "a blue square", "a yellow triangle", "a cyan circle"]
-    images = torch.stack([torch.from_numpy(np.array(render(scene_for(parse(p), rng)))).permute(2, 0, 1) / 255
-                          for p in prompts]).float().requires_grad_(True)
+    images = (
+        torch.stack(
+            [
+                torch.from_numpy(np.array(render(scene_for(parse(p), rng)))).permute(2, 0, 1) / 255
+                for p in prompts
+            ]
+        )
+        .float()
+        .requires_grad_(True)
+    )
     matched = reward(images, prompts)
     matched.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0

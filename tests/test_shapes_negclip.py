@@ -38,8 +38,11 @@ def test_every_hard_negative_is_false_of_its_scene_and_stays_in_the_train_split(
 def pairwise(reward, kind: str, n: int = 600) -> float:
     """How often a fresh scene's caption outscores its hard negative under ``reward``."""
     rng = np.random.default_rng(1)
-    rows = [(image, caption, negclip.hard_negatives(caption, rng)) for image, caption in scenes(n, 11)
-            if parse(caption).kind == kind]
+    rows = [
+        (image, caption, negclip.hard_negatives(caption, rng))
+        for image, caption in scenes(n, 11)
+        if parse(caption).kind == kind
+    ]
     images = torch.from_numpy(np.stack([r[0] for r in rows])).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         true = reward(images, [r[1] for r in rows])
@@ -57,8 +60,23 @@ def test_the_shipped_negclip_reads_relations_that_shapes_clip_cannot():
 
 def test_train_negclip_runs_and_reports_before_and_after(tmp_path, capsys):
     out = tmp_path / "negclip"
-    args = ["shapes", "train-negclip", "--output", str(out), "--steps", "3", "--batch-size", "16",
-            "--dataset-size", "64", "--eval-scenes", "64", "--warmup-steps", "1", "--fp32"]
+    args = [
+        "shapes",
+        "train-negclip",
+        "--output",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "16",
+        "--dataset-size",
+        "64",
+        "--eval-scenes",
+        "64",
+        "--warmup-steps",
+        "1",
+        "--fp32",
+    ]
     assert main(args) == 0
     report = json.loads((out / "training_report.json").read_text())
     assert set(report["before"]) == {"relation_pairwise", "count_pairwise", "retrieval_top1_of_64"}

@@ -94,17 +94,20 @@ def test_caption_of_a_prompted_scene_states_the_prompt():
         facts = parse(pool[index])
         scene = scene_for(facts, rng)
         assert parse(caption(scene, rng)).canonical() == facts.canonical()
-        assert _kinds(scene.objects) == Counter(
-            {(e.colour, e.shape): e.count for e in facts.entities}
-        )
+        assert _kinds(scene.objects) == Counter({(e.colour, e.shape): e.count for e in facts.entities})
         for rel in facts.relations:
             subject, obj = scene.objects[rel.subject], scene.objects[rel.object]
             assert holds(rel.relation, (subject.x, subject.y), (obj.x, obj.y))
 
 
 def test_caption_refuses_scenes_the_grammar_cannot_word():
-    mixed = Scene((Obj("circle", "red", 0.3, 0.2, 0.2), Obj("square", "blue", 0.3, 0.8, 0.2),
-                   Obj("triangle", "green", 0.3, 0.5, 0.8)))
+    mixed = Scene(
+        (
+            Obj("circle", "red", 0.3, 0.2, 0.2),
+            Obj("square", "blue", 0.3, 0.8, 0.2),
+            Obj("triangle", "green", 0.3, 0.5, 0.8),
+        )
+    )
     with pytest.raises(ValueError, match="cannot describe"):
         caption(mixed, np.random.default_rng(0))
 

@@ -10,15 +10,32 @@ from diffalign.sampling import encode_prompts, guided_noise, initial_latents, sa
 from diffalign.train import Trainer
 
 PROMPTS = ["a cat", "a dog"]
-TINY = ["method=ddpo", "model=tiny-random", "reward=jpeg-compressibility", "prompts=simple-animals",
-        "eval.prompt_sets=[]", "eval.rewards=[]", "eval.size=4", "sample.num_steps=6", "sample.batch_size=4",
-        "sample.num_batches_per_epoch=1", "train.batch_size=2", "tensorboard=false"]
+TINY = [
+    "method=ddpo",
+    "model=tiny-random",
+    "reward=jpeg-compressibility",
+    "prompts=simple-animals",
+    "eval.prompt_sets=[]",
+    "eval.rewards=[]",
+    "eval.size=4",
+    "sample.num_steps=6",
+    "sample.batch_size=4",
+    "sample.num_batches_per_epoch=1",
+    "train.batch_size=2",
+    "tensorboard=false",
+]
 
 
 def test_only_the_window_is_stochastic_and_it_matches_diffusers_step_by_step():
     pipe = pipeline.load("tiny-random")
-    ours = sample(pipe, PROMPTS, num_steps=6, eta=1.0, generator=torch.Generator().manual_seed(0),
-                  stochastic_steps=(2, 3))
+    ours = sample(
+        pipe,
+        PROMPTS,
+        num_steps=6,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(0),
+        stochastic_steps=(2, 3),
+    )
     assert (ours.log_probs[:, [0, 1, 4, 5]] == 0).all() and (ours.log_probs[:, 2:4] != 0).all()
     # diffusers' DDIMScheduler.step with eta 1 inside the window and 0 outside, same generator
     generator = torch.Generator().manual_seed(0)
@@ -28,16 +45,25 @@ def test_only_the_window_is_stochastic_and_it_matches_diffusers_step_by_step():
     with torch.no_grad():
         for step, timestep in enumerate(pipe.scheduler.timesteps):
             noise = guided_noise(pipe.unet, latents, timestep, cond, uncond, torch.full((2,), 5.0))
-            latents = pipe.scheduler.step(noise, timestep, latents, eta=1.0 if 2 <= step <= 3 else 0.0,
-                                          generator=generator).prev_sample
+            latents = pipe.scheduler.step(
+                noise, timestep, latents, eta=1.0 if 2 <= step <= 3 else 0.0, generator=generator
+            ).prev_sample
             torch.testing.assert_close(ours.latents[:, step + 1], latents, rtol=1e-4, atol=1e-5)
     everywhere = sample(pipe, PROMPTS, num_steps=6, eta=1.0, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(everywhere.latents[:, -1], ours.latents[:, -1], atol=1e-3)
 
 
 def test_ddpo_trains_only_the_window_steps(tmp_path):
-    config = load_config(None, [*TINY, "epochs=1", "sample.stochastic_steps=[1, 3]", "train.timestep_fraction=1.0",
-                                f"output_dir={tmp_path / 'run'}"])
+    config = load_config(
+        None,
+        [
+            *TINY,
+            "epochs=1",
+            "sample.stochastic_steps=[1, 3]",
+            "train.timestep_fraction=1.0",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
     assert trainable_steps(config) == [1, 2, 3] and trained_steps(config) == 3
     trainer = Trainer(config)
     seen: list[int] = []

@@ -9,11 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-from diffalign import rewards
-from diffalign.config import ConfigError, load_config
 from diffalign.rewards import TINY_RANDOM, ContrastError, RewardError, TextNorm, TextNormError
 from diffalign.rewards.base import TextEmbeddingCache
 from diffalign.rewards.contrast import (
@@ -21,11 +16,16 @@ from diffalign.rewards.contrast import (
     FileContrast,
     LanguageModelContrast,
     RuleContrast,
-    ShapesContrast,
     from_spec,
     parse_lines,
 )
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from diffalign import rewards
+from diffalign.config import ConfigError, load_config
 from diffalign.shapes import grammar, splits
+from diffalign.shapes.contrast import ShapesContrast
 from diffalign.shapes.world import render
 
 PROMPTS = ["a red circle", "two red circles", "a red circle left of a blue square"]  # 9, 9 and 21 contrasts
@@ -235,10 +235,20 @@ def test_one_training_epoch_on_textnorm(tmp_path, method):
     from diffalign.train import train
 
     settings = [
-        f"method={method}", "model=tiny-random", "reward=textnorm(shapes-clip)",
-        "reward_options={c: 20, contrast: shapes}", "prompts=shapes-single", "eval.prompt_sets=[]",
-        "eval.rewards=[]", "sample.num_steps=2", "sample.batch_size=4", "sample.num_batches_per_epoch=1",
-        "sample.images_per_prompt=2", "train.batch_size=4", "epochs=1", "tensorboard=false",
+        f"method={method}",
+        "model=tiny-random",
+        "reward=textnorm(shapes-clip)",
+        "reward_options={c: 20, contrast: shapes}",
+        "prompts=shapes-single",
+        "eval.prompt_sets=[]",
+        "eval.rewards=[]",
+        "sample.num_steps=2",
+        "sample.batch_size=4",
+        "sample.num_batches_per_epoch=1",
+        "sample.images_per_prompt=2",
+        "train.batch_size=4",
+        "epochs=1",
+        "tensorboard=false",
         f"output_dir={tmp_path / 'run'}",
     ]
     result = train(load_config(None, settings), progress=False)
@@ -346,8 +356,13 @@ def tiny_language_model(folder, *, always: str | None = None) -> None:
     tokenizer.train_from_iterator([FEW_SHOT, "a red circle left of a blue square\n"] * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
     config = GPT2Config(
-        vocab_size=len(fast), n_positions=512, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=fast.eos_token_id, eos_token_id=fast.eos_token_id,
+        vocab_size=len(fast),
+        n_positions=512,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=fast.eos_token_id,
+        eos_token_id=fast.eos_token_id,
     )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffalign.benchmarks import shapes_tia, tia2
+from diffalign.rewards import RewardInfo, base
 from PIL import Image
 
 from diffalign import images
-from diffalign.benchmarks import shapes_tia, tia2
 from diffalign.cli import main
-from diffalign.rewards import RewardInfo, base
 
 # The toy benchmark: the reward is an image's mean brightness, so each image's score is the
 # grey level it was written with. (key, caption, grey level / 255, human labels)

@@ -12,13 +12,21 @@ backpropagation), which keeps the gradient from only ever seeing the last step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from diffalign import prompts as prompt_sets
-from diffalign.config import TrainConfig
-from diffalign.optim.base import TrainContext, TrainingDiverged, clip_and_step
+from diffalign.config import ConfigError, doc
+from diffalign.optim.base import (
+    TrainContext,
+    check_finite,
+    clip_and_step,
+    mean_over_processes,
+    register,
+    reward_metrics,
+)
 from diffalign.rewards import checked_call
 from diffalign.sampling import (
     ddim_step_with_logprob,
@@ -27,6 +35,25 @@ from diffalign.sampling import (
     guided_noise,
     initial_latents,
 )
+
+if TYPE_CHECKING:
+    from diffalign.config import TrainConfig
+
+
+@dataclass
+class AlignPropSection:
+    """AlignProp (Prabhudesai et al. 2023): backpropagate a differentiable reward through sampling."""
+
+    truncation_steps: int = doc(
+        2, "K: gradients flow through the last K denoising steps (earlier ones run without)"
+    )
+    random_truncation: bool = doc(
+        True, "draw K uniformly from 1..truncation_steps for every update (randomised truncated backprop)"
+    )
+    checkpoint_unet: bool = doc(
+        True, "gradient-checkpoint every UNet call with gradients (memory ~ one call)"
+    )
+    reward_scale: float = doc(1.0, "the loss is -reward_scale x mean reward")
 
 
 @dataclass
@@ -69,13 +96,20 @@ def differentiable_sample(
                 noise_pred = checkpoint(predict, latents, use_reentrant=False)
             else:
                 noise_pred = predict(latents)
-            latents, _ = ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=eta, generator=generator)
+            latents, _ = ddim_step_with_logprob(
+                scheduler, noise_pred, timestep, latents, eta=eta, generator=generator
+            )
     return decode_latents(pipe, latents)
 
 
+@register
 class AlignProp:
     """The AlignProp epoch: ``num_batches_per_epoch`` differentiable samples, one update each."""
 
+    name = "alignprop"
+    description = "AlignProp (Prabhudesai et al. 2023): backprop of a differentiable reward through sampling"
+    section = AlignPropSection
+    needs_differentiable_reward = True
     label = "AlignProp"
     window_metric = "truncation_steps"  # the metric that logs each update's GradientWindow.steps
 
@@ -88,6 +122,18 @@ class AlignProp:
         """Micro-steps per optimiser step: one per sampled batch."""
         return config.train.gradient_accumulation_steps
 
+    @classmethod
+    def validate(cls, config: TrainConfig) -> None:
+        """The window must fit the sampler; checked only for alignprop runs, which use it."""
+        steps = config.alignprop.truncation_steps
+        if not 1 <= steps <= config.sample.num_steps:
+            raise ConfigError(
+                f"alignprop.truncation_steps must be between 1 and sample.num_steps ({config.sample.num_steps}), "
+                f"got {steps}"
+            )
+        if config.alignprop.reward_scale <= 0:
+            raise ConfigError(f"alignprop.reward_scale must be positive, got {config.alignprop.reward_scale}")
+
     @property
     def reward_scale(self) -> float:
         return self.config.alignprop.reward_scale
@@ -97,14 +143,24 @@ class AlignProp:
         return GradientWindow(self.truncation(generator), self.config.alignprop.checkpoint_unet)
 
     def sample_images(
-        self, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor, window: GradientWindow,
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        scales: torch.Tensor,
+        window: GradientWindow,
         generator: torch.Generator,
     ) -> torch.Tensor:
         """The images the reward scores, ``[B, 3, H, W]`` in [0, 1], with a graph to the LoRA weights."""
         sample_config = self.config.sample
         return differentiable_sample(
-            self.context, cond, uncond, scales,
-            num_steps=sample_config.num_steps, eta=sample_config.eta, window=window, generator=generator,
+            self.context,
+            cond,
+            uncond,
+            scales,
+            num_steps=sample_config.num_steps,
+            eta=sample_config.eta,
+            window=window,
+            generator=generator,
         )
 
     @torch.no_grad()
@@ -119,7 +175,7 @@ class AlignProp:
             return section.truncation_steps
         return int(torch.randint(1, section.truncation_steps + 1, (), generator=generator))
 
-    def run_epoch(self, epoch: int, generator: torch.Generator) -> dict[str, float]:
+    def run_epoch(self, generator: torch.Generator) -> dict[str, float]:
         config, context = self.config, self.context
         sample_config = config.sample
         rewards, losses, windows = [], [], []
@@ -139,20 +195,15 @@ class AlignProp:
                     images = self.sample_images(cond, uncond, scales.to(cond.device), window, generator)
                     scores = checked_call(context.reward, images, prompts)
                 loss = -self.reward_scale * scores.mean()
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"{self.label} loss is {loss.item()}; stopping before the update: "
-                    "lower train.learning_rate, or check the scale of the reward")
+                check_finite(loss, self.label)
                 context.accelerator.backward(loss)
                 clip_and_step(context, config.train.max_grad_norm)
             rewards.append(scores.detach())
             losses.append(loss.detach())
             windows.append(window.steps)
-        all_rewards = context.accelerator.gather(torch.cat(rewards))
         return {
-            "reward_mean": all_rewards.mean().item(),
-            "reward_std": all_rewards.std(unbiased=False).item(),
-            "samples": int(all_rewards.numel()),
-            "loss": context.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item(),
+            **reward_metrics(context.accelerator, torch.cat(rewards)),
+            **mean_over_processes(context.accelerator, {"loss": losses}),
             self.window_metric: sum(windows) / len(windows),
         }
 

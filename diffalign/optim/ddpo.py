@@ -13,13 +13,45 @@ with gradients accumulated over samples and timesteps.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from diffalign.config import TrainConfig
-from diffalign.optim.base import TrainContext, TrainingDiverged, clip_and_step, collect_rollouts
+from diffalign.config import ConfigError, doc
+from diffalign.optim.base import (
+    TrainContext,
+    check_finite,
+    clip_and_step,
+    mean_over_processes,
+    register,
+    reward_metrics,
+    sample_rollouts,
+    stochastic_window,
+)
 from diffalign.sampling import Trajectory, ddim_step_with_logprob, guided_noise
+
+if TYPE_CHECKING:
+    from diffalign.config import TrainConfig
+
+
+@dataclass
+class DDPOSection:
+    """DDPO (Black et al. 2023): PPO-clip on per-step importance ratios."""
+
+    clip_range: float = doc(
+        1e-2, "PPO clip range on the per-step ratio (DDPO used 1e-4 for SD's 16384-dim latents)"
+    )
+    adv_clip_max: float = doc(5.0, "advantages are clipped to [-this, this]")
+    per_prompt_stat_tracking: bool = doc(True, "normalise rewards per prompt with running statistics")
+    stat_buffer_size: int = doc(16, "rewards remembered per prompt for its statistics")
+    stat_min_count: int = doc(4, "below this many rewards for a prompt, use the whole batch's statistics")
+
+    def validate(self, config: TrainConfig) -> None:
+        if self.clip_range <= 0 or self.adv_clip_max <= 0:
+            raise ConfigError("ddpo.clip_range and ddpo.adv_clip_max must be positive")
 
 
 class PerPromptStatTracker:
@@ -52,8 +84,11 @@ class PerPromptStatTracker:
         return advantages
 
     def state_dict(self) -> dict:
-        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
-                "history": {prompt: list(values) for prompt, values in self.history.items()}}
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "history": {prompt: list(values) for prompt, values in self.history.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.history = {p: deque(v, maxlen=self.buffer_size) for p, v in state["history"].items()}
@@ -76,7 +111,10 @@ def ppo_clip_loss(
 
 
 def advantages_for(
-    context: TrainContext, tracker: PerPromptStatTracker | None, prompts: list[str], rewards: torch.Tensor,
+    context: TrainContext,
+    tracker: PerPromptStatTracker | None,
+    prompts: list[str],
+    rewards: torch.Tensor,
     clip: float,
 ) -> torch.Tensor:
     """Advantages for this process's samples, computed over the rewards of all processes."""
@@ -93,8 +131,15 @@ def advantages_for(
     return advantages[start : start + len(prompts)].clamp(-clip, clip).to(accelerator.device)
 
 
+@register
 class DDPO:
     """The DDPO epoch: rollouts, per-prompt advantages, PPO-clip updates over (sample, step)."""
+
+    name = "ddpo"
+    description = "DDPO (Black et al. 2023): PPO-clip policy gradient on per-step log-probs"
+    section = DDPOSection
+    needs_stochastic_sampler = True
+    uses_stochastic_window = True
 
     def __init__(self, context: TrainContext, config: TrainConfig):
         self.context = context
@@ -111,37 +156,37 @@ class DDPO:
         """Micro-steps per optimiser step: DDPO accumulates over the trained timesteps too."""
         return config.train.gradient_accumulation_steps * trained_steps(config)
 
-    def run_epoch(self, epoch: int, generator: torch.Generator) -> dict[str, float]:
+    @classmethod
+    def validate(cls, config: TrainConfig) -> None:
+        """PPO's clip only acts on samples trained after the policy has moved: with one pass over
+        the epoch (train.inner_epochs = 1) and a single optimiser step per epoch, every ratio is
+        exactly 1 and the run is plain REINFORCE. Allowed (it is a valid choice), but said."""
+        if config.train.inner_epochs > 1:
+            return
+        per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
+        if config.train.batch_size * config.train.gradient_accumulation_steps >= per_epoch:
+            warnings.warn(
+                f"{config.method}: train.gradient_accumulation_steps makes one optimiser step per epoch and "
+                "train.inner_epochs is 1, so every importance ratio is exactly 1 and the PPO clip never acts: "
+                "this run is plain REINFORCE. Set train.inner_epochs > 1 (or fewer accumulation steps) to use "
+                "the clip.",
+                stacklevel=4,
+            )
+
+    def run_epoch(self, generator: torch.Generator) -> dict[str, float]:
         config, context = self.config, self.context
         started = time.perf_counter()
-        trajectory, rewards = collect_rollouts(
-            context,
-            batch_size=config.sample.batch_size,
-            num_batches=config.sample.num_batches_per_epoch,
-            images_per_prompt=config.sample.images_per_prompt,
-            shared_initial_noise=config.sample.shared_initial_noise,
-            num_steps=config.sample.num_steps,
-            guidance_scale=config.sample.guidance_scale,
-            eta=config.sample.eta,
-            negative_prompt=config.sample.negative_prompt,
-            generator=generator,
-            stochastic_steps=stochastic_window(config),
-        )
+        trajectory, rewards = sample_rollouts(context, config, generator)
         sampling_seconds = time.perf_counter() - started
         advantages = self.advantages(trajectory.prompts, rewards)
         stats: dict[str, list[torch.Tensor]] = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": []}
         for _ in range(config.train.inner_epochs):
             self._inner_epoch(trajectory, advantages, generator, stats)
-        all_rewards = context.accelerator.gather(rewards)
-        metrics = {
-            "reward_mean": all_rewards.mean().item(),
-            "reward_std": all_rewards.std(unbiased=False).item(),
-            "samples": int(all_rewards.numel()),
+        return {
+            **reward_metrics(context.accelerator, rewards),
             "sampling_seconds": sampling_seconds,
+            **mean_over_processes(context.accelerator, stats),
         }
-        for name, values in stats.items():
-            metrics[name] = context.accelerator.reduce(torch.stack(values).mean(), reduction="mean").item()
-        return metrics
 
     def advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
         """This process's advantages ``[N]``: rewards normalised per prompt (DDPO §5.1), over all processes."""
@@ -204,9 +249,7 @@ class DDPO:
                     for name, term in self.regulariser(trajectory, rows, step, noise_pred).items():
                         loss = loss + term
                         step_stats[name] = term.detach()
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(f"DDPO loss is {loss.item()}; stopping before the update: "
-                    "lower train.learning_rate, or check the scale of the reward")
+                    check_finite(loss, "DDPO")
                     context.accelerator.backward(loss)
                     clip_and_step(context, config.train.max_grad_norm)
                 stats["loss"].append(loss.detach())
@@ -219,12 +262,6 @@ class DDPO:
     def load_state_dict(self, state: dict) -> None:
         if self.tracker is not None and state.get("tracker"):
             self.tracker.load_state_dict(state["tracker"])
-
-
-def stochastic_window(config: TrainConfig) -> tuple[int, int] | None:
-    """``sample.stochastic_steps`` as ``(first, last)``, or None when every step is stochastic."""
-    window = config.sample.stochastic_steps
-    return (int(window[0]), int(window[1])) if window else None
 
 
 def trainable_steps(config: TrainConfig) -> list[int]:

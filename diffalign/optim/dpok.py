@@ -19,18 +19,62 @@ of the UNet is held in memory.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import fields, replace
-from typing import Iterator
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
-from diffalign.config import TrainConfig
-from diffalign.optim.base import TrainContext, TrainingDiverged, clip_and_step, collect_rollouts
+from diffalign.config import ConfigError, doc
+from diffalign.optim.base import (
+    TrainContext,
+    check_finite,
+    clip_and_step,
+    mean_over_processes,
+    register,
+    reward_metrics,
+    sample_rollouts,
+)
 from diffalign.optim.ddpo import ppo_clip_loss
 from diffalign.sampling import Trajectory, ddim_posterior, ddim_step_with_logprob, guided_noise
+
+if TYPE_CHECKING:
+    from diffalign.config import TrainConfig
+
+
+@dataclass
+class DPOKSection:
+    """DPOK (Fan et al. 2023): KL-regularised policy gradient with a value baseline and replay buffer."""
+
+    reward_weight: float = doc(
+        10.0, "alpha: weight of the reward term (advantages are reward minus the value baseline)"
+    )
+    kl_weight: float = doc(
+        0.01, "beta: weight of the per-step KL to the pre-trained model (the UNet with LoRA off)"
+    )
+    clip_range: float = doc(1e-2, "clip range of the per-step importance ratio, as in the paper's code")
+    buffer_epochs: int = doc(4, "the replay buffer keeps the transitions of this many recent epochs")
+    updates_per_epoch: int = doc(
+        8, "policy updates per epoch, each on train.batch_size transitions drawn from the buffer"
+    )
+    value_learning_rate: float = doc(1e-3, "AdamW learning rate of the value network")
+    value_updates_per_epoch: int = doc(8, "value-network updates per epoch, on buffer transitions")
+    value_width: int = doc(
+        64, "hidden width of the value network (latents + timestep + pooled text -> expected reward)"
+    )
+
+    def validate(self, config: TrainConfig) -> None:
+        for key in ("buffer_epochs", "updates_per_epoch", "value_updates_per_epoch", "value_width"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"dpok.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("reward_weight", "clip_range", "value_learning_rate"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"dpok.{key} must be positive, got {getattr(self, key)}")
+        if self.kl_weight < 0:
+            raise ConfigError(f"dpok.kl_weight must not be negative, got {self.kl_weight}")
 
 
 class ValueNetwork(nn.Module):
@@ -54,7 +98,9 @@ class ValueNetwork(nn.Module):
         self.text = nn.Linear(text_width, width)
         self.head = nn.Sequential(nn.Linear(3 * width, width), nn.SiLU(), nn.Linear(width, 1))
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
         """``latents  # [B, C, h, w]``, ``timesteps  # [B]``, ``prompt_embeds  # [B, L, D]`` → ``[B]``."""
         time = get_timestep_embedding(timesteps.float(), self.width).to(latents.dtype)
         features = torch.cat([self.latent(latents), self.text(prompt_embeds.mean(dim=1)), time], dim=1)
@@ -121,8 +167,15 @@ def kl_to_reference(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch
     return per_dim.mean(dim=tuple(range(1, mean.ndim)))
 
 
+@register
 class DPOK:
     """The DPOK epoch: rollouts into the buffer, value regression, KL-regularised policy updates."""
+
+    name = "dpok"
+    description = "DPOK (Fan et al. 2023): policy gradient + KL to the pre-trained model + value baseline"
+    section = DPOKSection
+    needs_stochastic_sampler = True
+    needs_lora = True  # the pre-trained reference is the UNet with its adapter switched off
 
     def __init__(self, context: TrainContext, config: TrainConfig):
         self.context = context
@@ -139,42 +192,32 @@ class DPOK:
     def accumulation_steps(config: TrainConfig) -> int:
         return config.train.gradient_accumulation_steps
 
-    def run_epoch(self, epoch: int, generator: torch.Generator) -> dict[str, float]:
+    def run_epoch(self, generator: torch.Generator) -> dict[str, float]:
         config, context = self.config, self.context
         started = time.perf_counter()
-        trajectory, rewards = collect_rollouts(
-            context,
-            batch_size=config.sample.batch_size,
-            num_batches=config.sample.num_batches_per_epoch,
-            images_per_prompt=config.sample.images_per_prompt,
-            shared_initial_noise=config.sample.shared_initial_noise,
-            num_steps=config.sample.num_steps,
-            guidance_scale=config.sample.guidance_scale,
-            eta=config.sample.eta,
-            negative_prompt=config.sample.negative_prompt,
-            generator=generator,
-        )
+        trajectory, rewards = sample_rollouts(context, config, generator)
         sampling_seconds = time.perf_counter() - started
         self.buffer.add(trajectory, rewards)
         value_losses = [self._value_update(generator) for _ in range(config.dpok.value_updates_per_epoch)]
         stats: dict[str, list[torch.Tensor]] = {
-            "loss": [], "approx_kl": [], "clipfrac": [], "ratio": [], "kl_to_pretrained": []
+            "loss": [],
+            "approx_kl": [],
+            "clipfrac": [],
+            "ratio": [],
+            "kl_to_pretrained": [],
         }
         for _ in range(config.dpok.updates_per_epoch * config.train.gradient_accumulation_steps):
             self._policy_update(generator, stats)
-        all_rewards = context.accelerator.gather(rewards)
-        metrics = {
-            "reward_mean": all_rewards.mean().item(),
-            "reward_std": all_rewards.std(unbiased=False).item(),
-            "samples": int(all_rewards.numel()),
+        return {
+            **reward_metrics(context.accelerator, rewards),
             "value_loss": float(torch.stack(value_losses).mean()),
             "sampling_seconds": sampling_seconds,
+            **mean_over_processes(context.accelerator, stats),
         }
-        for name, values in stats.items():
-            metrics[name] = context.accelerator.reduce(torch.stack(values).mean(), reduction="mean").item()
-        return metrics
 
-    def baseline(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+    def baseline(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
         """V(x_t, t, z): the buffer's mean reward plus the value network's predicted deviation."""
         return self.buffer.mean_reward() + self.value(latents, timesteps, prompt_embeds)
 
@@ -204,16 +247,28 @@ class DPOK:
         scheduler = context.pipe.scheduler
         scheduler.set_timesteps(config.sample.num_steps, device=context.accelerator.device)
         with torch.no_grad():
-            advantages = section.reward_weight * (rewards - self.baseline(latents, timesteps, batch.prompt_embeds))
+            advantages = section.reward_weight * (
+                rewards - self.baseline(latents, timesteps, batch.prompt_embeds)
+            )
             with adapter_disabled(context.pipe.unet):
                 reference = guided_noise(
-                    context.pipe.unet, latents, timesteps, batch.prompt_embeds, batch.negative_prompt_embeds, scales
+                    context.pipe.unet,
+                    latents,
+                    timesteps,
+                    batch.prompt_embeds,
+                    batch.negative_prompt_embeds,
+                    scales,
                 )
             reference_mean, _ = ddim_posterior(scheduler, reference, timesteps, latents, eta=batch.eta)
         with context.accelerator.accumulate(context.unet):
             with context.accelerator.autocast():
                 noise_pred = guided_noise(
-                    context.unet, latents, timesteps, batch.prompt_embeds, batch.negative_prompt_embeds, scales
+                    context.unet,
+                    latents,
+                    timesteps,
+                    batch.prompt_embeds,
+                    batch.negative_prompt_embeds,
+                    scales,
                 )
             mean, std = ddim_posterior(scheduler, noise_pred, timesteps, latents, eta=batch.eta)
             _, log_prob = ddim_step_with_logprob(
@@ -224,9 +279,7 @@ class DPOK:
             )
             kl = kl_to_reference(mean, reference_mean, std).mean()
             loss = policy_loss + section.kl_weight * kl
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"DPOK loss is {loss.item()}; stopping before the update: "
-                    "lower train.learning_rate, or check the scale of the reward")
+            check_finite(loss, "DPOK")
             context.accelerator.backward(loss)
             clip_and_step(context, config.train.max_grad_norm)
         stats["loss"].append(loss.detach())

@@ -26,29 +26,82 @@ sampling, the ratio, the clip and the timestep subset are DDPO's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
-from diffalign.config import TrainConfig
-from diffalign.optim.base import TrainContext
+from diffalign.config import ConfigError, doc
+from diffalign.optim.base import TrainContext, register
 from diffalign.optim.ddpo import DDPO
 from diffalign.optim.dpok import adapter_disabled, kl_to_reference
 from diffalign.sampling import Trajectory, ddim_posterior, guided_noise
+
+if TYPE_CHECKING:
+    from diffalign.config import TrainConfig
+
+
+@dataclass
+class GRPOSection:
+    """GRPO (Shao et al. 2024; on diffusion: Flow-GRPO, Liu et al. 2025; DanceGRPO, Xue et al. 2025)."""
+
+    clip_range: float = doc(1e-2, "PPO clip range on the per-step ratio (as ddpo.clip_range)")
+    adv_clip_max: float = doc(5.0, "advantages are clipped to [-this, this]")
+    std: str = doc(
+        "group", "advantage scale: group = each prompt group's own std (Flow-GRPO), batch = the batch's std"
+    )
+    kl_weight: float = doc(
+        0.0, "beta: weight of the per-step KL to the reference (the UNet with the LoRA adapter off)"
+    )
+
+    def validate(self, config: TrainConfig) -> None:
+        if self.clip_range <= 0 or self.adv_clip_max <= 0:
+            raise ConfigError("grpo.clip_range and grpo.adv_clip_max must be positive")
+        if self.std not in ("group", "batch"):
+            raise ConfigError(f"grpo.std must be group or batch, got {self.std!r}")
+        if self.kl_weight < 0:
+            raise ConfigError(f"grpo.kl_weight must not be negative, got {self.kl_weight}")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, std: str = "group") -> torch.Tensor:
     """``rewards  # [N]`` in consecutive groups of ``group_size`` → advantages ``[N]`` (fp32)."""
     groups = rewards.float().reshape(-1, group_size)
     centred = groups - groups.mean(dim=1, keepdim=True)
-    scale = groups.std(dim=1, unbiased=False, keepdim=True) if std == "group" else rewards.float().std(unbiased=False)
+    scale = (
+        groups.std(dim=1, unbiased=False, keepdim=True)
+        if std == "group"
+        else rewards.float().std(unbiased=False)
+    )
     return (centred / (scale + 1e-6)).reshape(-1)
 
 
+@register
 class GRPO(DDPO):
     """DDPO's epoch with group-relative advantages and an optional KL to the reference."""
+
+    name = "grpo"
+    description = (
+        "GRPO (Flow-GRPO, Liu et al. 2025): DDPO with advantages relative to each prompt's image group"
+    )
+    section = GRPOSection
 
     def __init__(self, context: TrainContext, config: TrainConfig):
         super().__init__(context, config)
         self.tracker = None  # the group is the baseline; nothing is carried across epochs
+
+    @classmethod
+    def validate(cls, config: TrainConfig) -> None:
+        if config.sample.images_per_prompt < 2:
+            raise ConfigError(
+                "grpo compares the images of one prompt with each other: sample.images_per_prompt must be at "
+                f"least 2, got {config.sample.images_per_prompt}"
+            )
+        if config.grpo.kl_weight > 0 and not config.lora.enabled:
+            raise ConfigError(
+                "grpo.kl_weight > 0 regularises towards the model with the LoRA adapter off, so it needs "
+                "lora.enabled=true"
+            )
+        super().validate(config)  # DDPO's: the note when the PPO clip cannot act
 
     @property
     def clip_range(self) -> float:
@@ -72,10 +125,16 @@ class GRPO(DDPO):
         latents, timesteps = trajectory.latents[rows, step], trajectory.timesteps[step]
         with torch.no_grad(), adapter_disabled(context.pipe.unet), context.accelerator.autocast():
             reference = guided_noise(
-                context.unet, latents, timesteps, trajectory.prompt_embeds[rows],
-                trajectory.negative_prompt_embeds[rows], trajectory.guidance_scales[rows, step],
+                context.unet,
+                latents,
+                timesteps,
+                trajectory.prompt_embeds[rows],
+                trajectory.negative_prompt_embeds[rows],
+                trajectory.guidance_scales[rows, step],
             )
         mean, std = ddim_posterior(context.pipe.scheduler, noise_pred, timesteps, latents, trajectory.eta)
-        reference_mean, _ = ddim_posterior(context.pipe.scheduler, reference, timesteps, latents, trajectory.eta)
+        reference_mean, _ = ddim_posterior(
+            context.pipe.scheduler, reference, timesteps, latents, trajectory.eta
+        )
         kl = kl_to_reference(mean, reference_mean, std).mean()
         return {"kl_to_reference": beta * kl}

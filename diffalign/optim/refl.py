@@ -37,10 +37,15 @@ Deviations from the paper, and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from diffalign.config import ConfigError, doc
 from diffalign.optim.alignprop import AlignProp, GradientWindow
+from diffalign.optim.base import register
 from diffalign.sampling import (
     alpha_cumprod_at,
     ddim_step_with_logprob,
@@ -49,6 +54,25 @@ from diffalign.sampling import (
     initial_latents,
     predict_original,
 )
+
+if TYPE_CHECKING:
+    from diffalign.config import TrainConfig
+
+
+@dataclass
+class ReFLSection:
+    """ReFL (Xu et al. 2023): a differentiable reward read from the one-step prediction x̂_0 at a drawn step."""
+
+    first_step: int = doc(
+        15,
+        "first denoising step (0-based) the gradient step is drawn from (the paper: the "
+        "last quarter of the chain)",
+    )
+    last_step: int = doc(
+        19, "last denoising step (0-based, inclusive) the gradient step is drawn from; < sample.num_steps"
+    )
+    checkpoint_unet: bool = doc(True, "gradient-checkpoint the UNet call with gradients")
+    reward_scale: float = doc(1.0, "the loss is -reward_scale x mean reward")
 
 
 def x0_at_step(
@@ -76,9 +100,16 @@ def x0_at_step(
     with torch.no_grad():
         for step in range(gradient_step):
             noise = guided_noise(
-                unet, latents, timesteps[step], prompt_embeds, negative_prompt_embeds, guidance_scales[:, step]
+                unet,
+                latents,
+                timesteps[step],
+                prompt_embeds,
+                negative_prompt_embeds,
+                guidance_scales[:, step],
             )
-            latents, _ = ddim_step_with_logprob(scheduler, noise, timesteps[step], latents, eta=eta, generator=generator)
+            latents, _ = ddim_step_with_logprob(
+                scheduler, noise, timesteps[step], latents, eta=eta, generator=generator
+            )
     timestep = timesteps[gradient_step]
 
     def predict(x: torch.Tensor) -> torch.Tensor:
@@ -91,12 +122,30 @@ def x0_at_step(
     return decode_latents(pipe, clean.to(latents.dtype))
 
 
+@register
 class ReFL(AlignProp):
     """The ReFL epoch: AlignProp's loop (``num_batches_per_epoch`` updates, one per sampled batch)
     with the reward read from x̂_0 at a step drawn from the window instead of the finished image."""
 
+    name = "refl"
+    description = (
+        "ReFL (Xu et al. 2023): a differentiable reward on the one-step x0 prediction at a drawn step"
+    )
+    section = ReFLSection
     label = "ReFL"
     window_metric = "gradient_step"
+
+    @classmethod
+    def validate(cls, config: TrainConfig) -> None:
+        """The window must lie inside the sampler's steps; checked only for refl runs, which use it."""
+        section, steps = config.refl, config.sample.num_steps
+        if not 0 <= section.first_step <= section.last_step < steps:
+            raise ConfigError(
+                f"refl.first_step..refl.last_step must be a window of denoising steps 0..{steps - 1} "
+                f"(sample.num_steps={steps}), got {section.first_step}..{section.last_step}"
+            )
+        if section.reward_scale <= 0:
+            raise ConfigError(f"refl.reward_scale must be positive, got {section.reward_scale}")
 
     @property
     def reward_scale(self) -> float:
@@ -109,11 +158,22 @@ class ReFL(AlignProp):
         return GradientWindow(step, section.checkpoint_unet)
 
     def sample_images(
-        self, cond: torch.Tensor, uncond: torch.Tensor, scales: torch.Tensor, window: GradientWindow,
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        scales: torch.Tensor,
+        window: GradientWindow,
         generator: torch.Generator,
     ) -> torch.Tensor:
         sample_config = self.config.sample
         return x0_at_step(
-            self.context, cond, uncond, scales, num_steps=sample_config.num_steps, eta=sample_config.eta,
-            gradient_step=window.steps, checkpointed=window.checkpointed, generator=generator,
+            self.context,
+            cond,
+            uncond,
+            scales,
+            num_steps=sample_config.num_steps,
+            eta=sample_config.eta,
+            gradient_step=window.steps,
+            checkpointed=window.checkpointed,
+            generator=generator,
         )

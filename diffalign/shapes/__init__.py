@@ -8,45 +8,148 @@ well a generated image matches its prompt.
 - ``detector``: objects from pixels (``detect``) and prompt fit (``score``, ``score_batch``).
 - ``fit``: the detector's shape classifier (blurred templates fitted to a blob).
 - ``accuracy``: the detector's measured exactness and speed.
+- ``models`` / ``assets``: the small models' architectures and the shipped weights.
+- ``rewards``: ``shapes-clip``, ``shapes-negclip`` (learned proxies) and ``shapes-oracle`` (exact).
+- ``contrast``: TextNorm's ``shapes`` contrast generator, exact for the grammar.
+- ``cli``: the ``diffalign shapes`` commands that retrain the shipped models.
+
+Importing this package makes the world known to generic code, which never names it: the
+pipelines ``shapes`` and ``shapes-inpaint``, the prompt sets ``shapes-*`` (written for the
+``shapes`` model, and ``tiny-random`` for tests), the three rewards, the contrast generator and
+the ``shapes`` command. Registration imports nothing heavy; the names below (``parse``,
+``detect``, ...) are imported from their modules on first use.
 """
 
-from diffalign.shapes.detector import Detection, correct, detect, score, score_batch
-from diffalign.shapes.grammar import (
-    Entity,
-    Facts,
-    PromptOutsideGrammar,
-    Relation,
-    caption,
-    parse,
-    scene_for,
-    text,
-)
-from diffalign.shapes.splits import HELDOUT_PAIRS, PROMPT_SETS, prompt_set, prompts, training_pairs
-from diffalign.shapes.world import COLOURS, SHAPES, Obj, Scene, random_scene, render
+from __future__ import annotations
 
-__all__ = [
-    "COLOURS",
-    "HELDOUT_PAIRS",
+import importlib
+
+from diffalign import registry
+from diffalign.rewards.base import register as register_reward
+
+# name -> (split, kind) of ``splits.prompts``; kept here so that registering the sets reads no grammar.
+PROMPT_SETS: dict[str, tuple[str, str]] = {
+    "shapes-train": ("train", "all"),
+    "shapes-heldout": ("heldout", "all"),
+    "shapes-single": ("train", "single"),
+    "shapes-count": ("train", "count"),
+    "shapes-relation": ("train", "relation"),
+}
+# Models that draw ShapesWorld: the shipped one, and the random test model of the same latent size.
+MODELS = ("shapes", "tiny-random")
+
+
+def _load_pipeline(*, torch_dtype, seed: int):
+    from diffalign.shapes import assets
+
+    return assets.load_pipeline(torch_dtype=torch_dtype)  # trained weights: the seed picks nothing
+
+
+def _load_inpainting_pipeline(*, torch_dtype, seed: int):
+    from diffalign.shapes import assets
+
+    return assets.load_inpainting_pipeline(torch_dtype=torch_dtype)
+
+
+def _prompt_set(name: str):
+    def load() -> list[str]:
+        from diffalign.shapes.splits import prompt_set
+
+        return prompt_set(name)
+
+    return load
+
+
+registry.register_pipeline(
+    "shapes", _load_pipeline, description="the shipped ShapesWorld Stable Diffusion pipeline (32x32 images)"
+)
+registry.register_pipeline(
+    "shapes-inpaint",
+    _load_inpainting_pipeline,
+    kind="inpainting",
+    description="the shipped ShapesWorld inpainting editor (9-channel UNet, the shapes VAE and text encoder)",
+)
+for _name, (_split, _kind) in PROMPT_SETS.items():
+    registry.register_prompt_set(
+        _name, _prompt_set(_name), models=MODELS, world="ShapesWorld", description=f"{_split} split, {_kind}"
+    )
+register_reward(
+    "shapes-clip",
+    description="ShapesWorld CLIP (shipped, trained on the world): cosine of image and prompt embeddings",
+    differentiable=True,
+)(registry.lazy("diffalign.shapes.rewards:ShapesClip"))
+register_reward(
+    "shapes-negclip",
+    description="ShapesWorld CLIP fine-tuned with hard negatives (NegCLIP): reads relations and counts",
+    differentiable=True,
+)(registry.lazy("diffalign.shapes.rewards:ShapesNegClip"))
+register_reward(
+    "shapes-oracle",
+    description="ShapesWorld exact detector: fraction of the prompt's facts that hold (ground truth)",
+    differentiable=False,
+)(registry.lazy("diffalign.shapes.rewards:ShapesOracle"))
+registry.register_contrast(
+    "shapes",
+    registry.lazy("diffalign.shapes.contrast:ShapesContrast"),
+    description="exact, rule-based, for the ShapesWorld grammar",
+)
+registry.register_command(
+    "shapes", "diffalign.shapes.cli", help="ShapesWorld: the embedded default world and its models"
+)
+
+# The public names of the world's modules, imported on first access (PEP 562).
+_EXPORTS = {
+    "detector": ("Detection", "correct", "detect", "score", "score_batch"),
+    "grammar": (
+        "Entity",
+        "Facts",
+        "PromptOutsideGrammar",
+        "Relation",
+        "caption",
+        "parse",
+        "scene_for",
+        "text",
+    ),
+    "splits": ("HELDOUT_PAIRS", "prompt_set", "prompts", "training_pairs"),
+    "world": ("COLOURS", "SHAPES", "Obj", "Scene", "random_scene", "render"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"diffalign.shapes.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module 'diffalign.shapes' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_MODULE_OF])
+
+
+__all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
+    "MODELS",
     "PROMPT_SETS",
-    "SHAPES",
     "Detection",
-    "Entity",
-    "Facts",
-    "Obj",
-    "PromptOutsideGrammar",
-    "Relation",
-    "Scene",
-    "caption",
     "correct",
     "detect",
-    "parse",
-    "prompt_set",
-    "prompts",
-    "random_scene",
-    "render",
-    "scene_for",
     "score",
     "score_batch",
+    "Entity",
+    "Facts",
+    "PromptOutsideGrammar",
+    "Relation",
+    "caption",
+    "parse",
+    "scene_for",
     "text",
+    "HELDOUT_PAIRS",
+    "prompt_set",
+    "prompts",
     "training_pairs",
+    "COLOURS",
+    "SHAPES",
+    "Obj",
+    "Scene",
+    "random_scene",
+    "render",
 ]

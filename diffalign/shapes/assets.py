@@ -24,7 +24,9 @@ PIPELINE_DIR = WEIGHTS / "pipeline"
 CLIP_DIR = WEIGHTS / "clip"
 INPAINT_UNET_DIR = WEIGHTS / "inpaint" / "unet"
 NEGCLIP_DIR = WEIGHTS / "negclip"
-REBUILD = "diffalign shapes train --output <folder>  (then copy <folder>/pipeline and <folder>/clip into {weights})"
+REBUILD = (
+    "diffalign shapes train --output <folder>  (then copy <folder>/pipeline and <folder>/clip into {weights})"
+)
 REBUILD_INPAINT = "diffalign shapes train-inpaint --output <folder> --install"
 REBUILD_NEGCLIP = "diffalign shapes train-negclip --output <folder> --install"
 
@@ -57,7 +59,7 @@ def _check(folder: Path, names: tuple[str, ...], rebuild: str = REBUILD) -> None
         elif path.suffix == ".safetensors":
             try:
                 with safe_open(str(path), framework="pt") as handle:
-                    for key in handle.keys():
+                    for key in handle.keys():  # noqa: SIM118 - safetensors' handle is not iterable
                         handle.get_slice(key)
             except Exception as error:  # noqa: BLE001 - any failure to read means a damaged file
                 problem = f"is damaged ({error})"
@@ -105,5 +107,9 @@ def load_inpainting_pipeline(
     _check(base, _PIPELINE_FILES)
     unet = UNet2DConditionModel.from_pretrained(str(unet_folder), **dtype_argument(torch_dtype))
     return StableDiffusionInpaintPipeline.from_pretrained(
-        str(base), unet=unet, **dtype_argument(torch_dtype), safety_checker=None, requires_safety_checker=False
+        str(base),
+        unet=unet,
+        **dtype_argument(torch_dtype),
+        safety_checker=None,
+        requires_safety_checker=False,
     )

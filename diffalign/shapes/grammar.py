@@ -67,7 +67,7 @@ class Facts:
 
     @property
     def kind(self) -> str:
-        """"relation", "count" or "single"."""
+        """ "relation", "count" or "single"."""
         if self.relations:
             return "relation"
         return "count" if any(e.count > 1 for e in self.entities) else "single"
@@ -152,7 +152,7 @@ def describe(scene: Scene, rng: np.random.Generator) -> Facts:
     objects = scene.objects
     kinds = {(o.colour, o.shape) for o in objects}
     if len(kinds) == 1 and len(objects) in (1, *NUMBER_WORDS):
-        (colour, shape), = kinds
+        ((colour, shape),) = kinds
         return Facts((Entity(colour, shape, len(objects)),))
     if len(objects) == 2:
         a, b = objects if rng.random() < 0.5 else objects[::-1]
@@ -194,12 +194,15 @@ def _noun_phrase(phrase: str, prompt: str) -> Entity:
     if count_word not in _COUNTS:
         raise _outside(prompt, f"{count_word!r} is not a count; use a, two or three")
     if colour not in COLOURS:
-        raise _outside(prompt, f"unknown colour {colour!r}{_did_you_mean(colour, COLOURS)}; colours are "
-                       f"{', '.join(COLOURS)}")
+        raise _outside(
+            prompt,
+            f"unknown colour {colour!r}{_did_you_mean(colour, COLOURS)}; colours are {', '.join(COLOURS)}",
+        )
     shape = noun[:-1] if noun.endswith("s") and noun[:-1] in SHAPES else noun
     if shape not in SHAPES:
-        raise _outside(prompt, f"unknown shape {noun!r}{_did_you_mean(noun, SHAPES)}; shapes are "
-                       f"{', '.join(SHAPES)}")
+        raise _outside(
+            prompt, f"unknown shape {noun!r}{_did_you_mean(noun, SHAPES)}; shapes are {', '.join(SHAPES)}"
+        )
     return Entity(colour, shape, _COUNTS[count_word])
 
 

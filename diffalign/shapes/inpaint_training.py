@@ -302,16 +302,19 @@ def train_inpainting_unet(
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
         if done % config.checkpoint_every == 0 and done < config.steps:
-            _save_checkpoint(checkpoint, {
-                "settings": settings,
-                "step": done,
-                "seconds": time.perf_counter() - started,
-                "unet": unet.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                "ema": ema.state_dict(),
-                "generator": generator.get_state(),
-            })
+            _save_checkpoint(
+                checkpoint,
+                {
+                    "settings": settings,
+                    "step": done,
+                    "seconds": time.perf_counter() - started,
+                    "unet": unet.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "ema": ema.state_dict(),
+                    "generator": generator.get_state(),
+                },
+            )
     ema.copy_to(unet.parameters())
     return unet.eval(), time.perf_counter() - started
 

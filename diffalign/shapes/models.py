@@ -16,6 +16,10 @@ LATENT_SIZE = 8
 # Captions of the grammar take at most 12 tokens; 16 leaves room and keeps attention cheap.
 TOKEN_LENGTH = 16
 TEXT_WIDTH = 64
+# The CLIP's input normalisation (OpenAI CLIP's constants, so it reads images like any CLIP does):
+# what training fed it and what the reward feeds it.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clip_config() -> CLIPConfig:

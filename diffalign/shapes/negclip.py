@@ -83,10 +83,15 @@ def hard_negatives(caption: str, rng: np.random.Generator) -> str | None:
     (rel,) = facts.relations
     a, b = facts.entities
     candidates = [Facts(facts.entities, (Relation(0, converse(rel.relation), 1),))]
-    for swapped in ((Entity(b.colour, a.shape), Entity(a.colour, b.shape)),
-                    (Entity(a.colour, b.shape), Entity(b.colour, a.shape))):
-        if swapped[0] != swapped[1] and {(e.colour, e.shape) for e in swapped}.isdisjoint(HELDOUT_PAIRS) \
-                and set(swapped) != set(facts.entities):
+    for swapped in (
+        (Entity(b.colour, a.shape), Entity(a.colour, b.shape)),
+        (Entity(a.colour, b.shape), Entity(b.colour, a.shape)),
+    ):
+        if (
+            swapped[0] != swapped[1]
+            and {(e.colour, e.shape) for e in swapped}.isdisjoint(HELDOUT_PAIRS)
+            and set(swapped) != set(facts.entities)
+        ):
             candidates.append(Facts(swapped, facts.relations))
     return text(candidates[rng.integers(len(candidates))])
 
@@ -96,9 +101,15 @@ def _negatives_for(captions: list[str], seed: int) -> list[str | None]:
     return [hard_negatives(caption, rng) for caption in captions]
 
 
-def negclip_loss(model: CLIPModel, token_ids: torch.Tensor, pixels: torch.Tensor,
-                 texts: list[str], captions: list[str], pairs: list[tuple[int, int]] = (),
-                 pair_weight: float = 0.0) -> torch.Tensor:
+def negclip_loss(
+    model: CLIPModel,
+    token_ids: torch.Tensor,
+    pixels: torch.Tensor,
+    texts: list[str],
+    captions: list[str],
+    pairs: list[tuple[int, int]] = (),
+    pair_weight: float = 0.0,
+) -> torch.Tensor:
     """NegCLIP's loss for one batch: images against ``texts`` (the captions, then the hard
     negatives; ``token_ids`` in the same order), targets spread over every text equal to the
     image's caption; texts to images over the batch's captions only.
@@ -120,8 +131,9 @@ def negclip_loss(model: CLIPModel, token_ids: torch.Tensor, pixels: torch.Tensor
     return loss
 
 
-def finetune(model: CLIPModel, tokenizer, data: Dataset, config: NegClipConfig,
-             progress: bool = True) -> tuple[CLIPModel, list[float]]:
+def finetune(
+    model: CLIPModel, tokenizer, data: Dataset, config: NegClipConfig, progress: bool = True
+) -> tuple[CLIPModel, list[float]]:
     """Fine-tune ``model`` in place with hard negatives; returns it (eval mode) and the losses."""
     generator = torch.Generator().manual_seed(config.seed)
     negatives = _negatives_for(data.captions, config.seed)
@@ -141,10 +153,19 @@ def finetune(model: CLIPModel, tokenizer, data: Dataset, config: NegClipConfig,
         ids = torch.cat([caption_ids[batch], negative_ids[with_negative]])
         rows = [row for row, i in enumerate(batch) if negatives[i] is not None]
         pairs = [(row, len(batch) + k) for k, row in enumerate(rows)]
-        loss = negclip_loss(model, ids, clip_pixels(data.images[batch]), texts, [data.captions[i] for i in batch],
-                            pairs, config.pair_weight)
+        loss = negclip_loss(
+            model,
+            ids,
+            clip_pixels(data.images[batch]),
+            texts,
+            [data.captions[i] for i in batch],
+            pairs,
+            config.pair_weight,
+        )
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"NegCLIP loss is {loss.item()} at step {len(losses)}; lower --learning-rate")
+            raise FloatingPointError(
+                f"NegCLIP loss is {loss.item()} at step {len(losses)}; lower --learning-rate"
+            )
         clipped_step(loss, model, optimizer, schedule)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -180,7 +201,9 @@ def word_order_accuracy(model: CLIPModel, tokenizer, data: Dataset, seed: int = 
         retrieval += [captions[b] == captions[i] for i, b in enumerate(best)]
         with_negative = [i for i in rows if negatives[i] is not None]
         if with_negative:
-            negative_embeds = _text_embeddings(model, tokenize(tokenizer, [negatives[i] for i in with_negative]))
+            negative_embeds = _text_embeddings(
+                model, tokenize(tokenizer, [negatives[i] for i in with_negative])
+            )
             for j, i in enumerate(with_negative):
                 k = rows.index(i)
                 wins[kinds[i]].append(bool(similarity[k, k] > image_embeds[k] @ negative_embeds[j]))
@@ -206,8 +229,14 @@ def train_negclip(config: NegClipConfig, output: Path, fp16: bool = True, progre
     folder.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16 if fp16 else torch.float32).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    report = {"config": asdict(config), "before": before, "after": after, "train_seconds": seconds,
-              "torch_threads": torch.get_num_threads(), "losses": losses[:: max(1, len(losses) // 100)]}
+    report = {
+        "config": asdict(config),
+        "before": before,
+        "after": after,
+        "train_seconds": seconds,
+        "torch_threads": torch.get_num_threads(),
+        "losses": losses[:: max(1, len(losses) // 100)],
+    }
     (output / "training_report.json").write_text(json.dumps(report, indent=2), "utf-8")
     return report
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cache
 from itertools import permutations
 
 import numpy as np
 
+from diffalign.shapes import PROMPT_SETS  # name -> (split, kind), registered by the package
 from diffalign.shapes.grammar import (
     KINDS,
     NUMBER_WORDS,
@@ -41,14 +42,6 @@ SPLITS: tuple[str, ...] = ("train", "heldout")
 # signal (binding colour to shape, and position), counts are the rarest skill to need.
 TRAINING_MIX: dict[str, float] = {"single": 0.4, "count": 0.2, "relation": 0.4}
 
-PROMPT_SETS: dict[str, tuple[str, str]] = {
-    "shapes-train": ("train", "all"),
-    "shapes-heldout": ("heldout", "all"),
-    "shapes-single": ("train", "single"),
-    "shapes-count": ("train", "count"),
-    "shapes-relation": ("train", "relation"),
-}
-
 
 def prompts(split: str = "train", kind: str = "all") -> list[str]:
     """The prompts of a split (``train`` or ``heldout``) and kind (``single``, ``count``,
@@ -66,9 +59,7 @@ def prompt_set(name: str) -> list[str]:
     return prompts(*PROMPT_SETS[name])
 
 
-def training_pairs(
-    n: int, rng: np.random.Generator, size: int = 32
-) -> Iterator[tuple[np.ndarray, str]]:
+def training_pairs(n: int, rng: np.random.Generator, size: int = 32) -> Iterator[tuple[np.ndarray, str]]:
     """``n`` random ``(image [size, size, 3] uint8, caption)`` pairs built only from train
     compositions, kinds mixed as in ``TRAINING_MIX``, uniform over the prompts of a kind."""
     kinds = list(TRAINING_MIX)
@@ -79,7 +70,7 @@ def training_pairs(
         yield render(scene, size), caption(scene, rng)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _facts(split: str, kind: str) -> tuple[Facts, ...]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")

@@ -29,10 +29,6 @@ from diffalign.shapes import models
 from diffalign.shapes.splits import training_pairs
 from diffalign.tokenizer import clip_tokenizer
 
-# OpenAI CLIP's normalisation constants: kept so the model reads images like any CLIP does.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 @dataclass
 class ShapesTrainingConfig:
@@ -64,7 +60,9 @@ def render_dataset(size: int, seed: int) -> Dataset:
     """``size`` random train-split scenes with captions, reproducibly from ``seed``."""
     rng = np.random.default_rng(seed)
     images, captions = [], []
-    for image, caption in tqdm(training_pairs(size, rng, models.IMAGE_SIZE), total=size, desc="render scenes"):
+    for image, caption in tqdm(
+        training_pairs(size, rng, models.IMAGE_SIZE), total=size, desc="render scenes"
+    ):
         images.append(image)
         captions.append(caption)
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
@@ -79,12 +77,14 @@ def tokenize(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
 
 def clip_pixels(images: torch.Tensor) -> torch.Tensor:
     """[0, 1] images → CLIP's normalised input (the scenes are already at the model's size)."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
+    mean = torch.tensor(models.CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(models.CLIP_STD, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std
 
 
-def clipped_step(loss: torch.Tensor, model: torch.nn.Module, optimizer, schedule, max_norm: float = 1.0) -> None:
+def clipped_step(
+    loss: torch.Tensor, model: torch.nn.Module, optimizer, schedule, max_norm: float = 1.0
+) -> None:
     """Backward, clip the gradient norm, step the optimiser and its schedule, clear gradients."""
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -110,7 +110,8 @@ def train_clip(data: Dataset, config: ShapesTrainingConfig, generator: torch.Gen
         same = caption_index[batch][:, None] == caption_index[batch][None, :]
         targets = same.float() / same.float().sum(dim=1, keepdim=True)
         loss = (
-            F.cross_entropy(output.logits_per_image, targets) + F.cross_entropy(output.logits_per_text, targets)
+            F.cross_entropy(output.logits_per_image, targets)
+            + F.cross_entropy(output.logits_per_text, targets)
         ) / 2
         clipped_step(loss, model, optimizer, schedule)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -135,7 +136,10 @@ def train_vae(data: Dataset, config: ShapesTrainingConfig, generator: torch.Gene
     vae.train()
     bar = tqdm(range(config.vae_steps), desc="train VAE")
     for _ in bar:
-        batch = data.images[torch.randint(len(data.images), (config.vae_batch_size,), generator=generator)] * 2 - 1
+        batch = (
+            data.images[torch.randint(len(data.images), (config.vae_batch_size,), generator=generator)] * 2
+            - 1
+        )
         posterior = vae.encode(batch).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         reconstruction = vae.decode(latents).sample

@@ -172,4 +172,3 @@ def _check_kind(colour: str, shape: str) -> None:
         raise ValueError(f"unknown shape {shape!r}; ShapesWorld shapes are {', '.join(SHAPES)}")
     if colour not in COLOURS:
         raise ValueError(f"unknown colour {colour!r}; ShapesWorld colours are {', '.join(COLOURS)}")
-

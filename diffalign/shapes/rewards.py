@@ -1,4 +1,5 @@
-"""ShapesWorld rewards: a learned proxy (``shapes-clip``) and the exact oracle (``shapes-oracle``).
+"""ShapesWorld rewards: learned proxies (``shapes-clip``, ``shapes-negclip``) and the exact oracle
+(``shapes-oracle``), registered by name in ``diffalign/shapes/__init__.py``.
 
 The pair is what makes ShapesWorld useful: fine-tuning optimises the proxy, and the oracle —
 the world's exact detector — measures true alignment beside it, so reward over-optimisation
@@ -14,14 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffalign.rewards.base import RewardError, candidate_rows, register
+from diffalign.rewards.base import RewardError, candidate_rows
+from diffalign.shapes import assets
+from diffalign.shapes.models import CLIP_MEAN, CLIP_STD
 
 
-@register(
-    "shapes-clip",
-    description="ShapesWorld CLIP (shipped, trained on the world): cosine of image and prompt embeddings",
-    differentiable=True,
-)
 class ShapesClip(nn.Module):
     """Cosine similarity between the ShapesWorld CLIP's image and text embeddings, in [-1, 1].
 
@@ -35,9 +33,6 @@ class ShapesClip(nn.Module):
 
     def __init__(self, checkpoint: str | None = None, device: str = "cpu"):
         super().__init__()
-        from diffalign.shapes import assets
-        from diffalign.shapes.training import CLIP_MEAN, CLIP_STD
-
         folder = getattr(assets, self.shipped) if checkpoint is None else Path(checkpoint)
         model, self.tokenizer = assets.load_clip(folder)
         self.model = model.requires_grad_(False)
@@ -52,7 +47,9 @@ class ShapesClip(nn.Module):
         """Unit-norm text embeddings ``[B, D]``, computed once per distinct prompt."""
         missing = sorted({p for p in prompts if p not in self._text_cache})
         if missing:
-            ids = self.tokenizer(missing, padding="max_length", truncation=True, return_tensors="pt").input_ids
+            ids = self.tokenizer(
+                missing, padding="max_length", truncation=True, return_tensors="pt"
+            ).input_ids
             output = self.model.text_model(input_ids=ids.to(self.mean.device))
             embeds = F.normalize(self.model.text_projection(output.pooler_output), dim=-1)
             self._text_cache.update(zip(missing, embeds))
@@ -79,11 +76,6 @@ class ShapesClip(nn.Module):
         return torch.einsum("bd,bkd->bk", image_embeds, text_embeds)
 
 
-@register(
-    "shapes-negclip",
-    description="ShapesWorld CLIP fine-tuned with hard negatives (NegCLIP): reads relations and counts",
-    differentiable=True,
-)
 class ShapesNegClip(ShapesClip):
     """``shapes-clip`` fine-tuned with hard negatives (Yuksekgonul et al. 2023, NegCLIP; see
     ``diffalign.shapes.negclip``): the same cosine, from a model that tells "A left of B" from
@@ -94,11 +86,6 @@ class ShapesNegClip(ShapesClip):
     shipped = "NEGCLIP_DIR"
 
 
-@register(
-    "shapes-oracle",
-    description="ShapesWorld exact detector: fraction of the prompt's facts that hold (ground truth)",
-    differentiable=False,
-)
 class ShapesOracle(nn.Module):
     """The fraction of a prompt's facts (objects, colours, counts, relations) that hold in the image.
 

@@ -1,0 +1,140 @@
+"""``diffalign bench``: the benchmarks of rewards and models in ``diffalign.benchmarks``.
+
+Each subcommand imports its study only when it is used: the studies pull in scipy, scikit-learn,
+matplotlib and the models they measure.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffalign.cli.args import add_dataclass_arguments, dataclass_values, parse_options, positive_int
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from diffalign.cli import Parser
+
+    actions = parser.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
+    actions.add_parser(
+        "tia2",
+        help="TIA2 (Kim et al. 2024): how well rewards agree with human text-image alignment labels",
+        configure=configure_tia2,
+    )
+    actions.add_parser(
+        "shapes-tia",
+        help="write shapes-TIA (the built-in TIA2-format set) to a folder, to inspect or share it",
+        configure=configure_shapes_tia,
+    )
+    actions.add_parser(
+        "protection",
+        help="DiffusionGuard, PhotoGuard and AdvDM against ShapesWorld inpainting edits, scored by the oracle",
+        configure=configure_protection,
+    )
+
+
+def configure_tia2(parser: argparse.ArgumentParser) -> None:
+    from diffalign.benchmarks import shapes_tia
+
+    parser.description = (
+        "Scores every labelled image with each reward and reports, per subset, the mean over "
+        "prompts of AUROC, AUPRC, precision at 5/10/25, Spearman and Kendall against the labels; writes "
+        "tia2.json, tia2.csv and the bar chart tia2.png. Python: diffalign.benchmarks.tia2.run(...), or "
+        "tia2.evaluate(reward, data) for one reward."
+    )
+    parser.add_argument(
+        "--rewards",
+        nargs="+",
+        default=["shapes-clip", "shapes-oracle"],
+        metavar="NAME",
+        help="registered reward names (see `diffalign rewards`; default: shapes-clip shapes-oracle)",
+    )
+    parser.add_argument(
+        "--data",
+        default=shapes_tia.NAME,
+        help="folder of TIA2 <subset>.json files (images in <subset>/, images/ or beside them), "
+        f"one such file, or {shapes_tia.NAME} (built-in, generated on first use; the default)",
+    )
+    parser.add_argument("--subsets", nargs="+", metavar="SUBSET", help="subsets to evaluate (default: all)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        metavar="REWARD.KEY=VALUE",
+        help="reward option, e.g. shapes-clip.checkpoint=/path; repeatable",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per reward call")
+    parser.add_argument(
+        "--output",
+        "-o",
+        default="results/tia2",
+        help="folder for tia2.json/.csv/.png (default: %(default)s, under the current folder)",
+    )
+    parser.add_argument("--cache-dir", help="score cache folder (default: <data>/.diffalign-scores/)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached scores")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(handler=cmd_tia2)
+
+
+def configure_shapes_tia(parser: argparse.ArgumentParser) -> None:
+    from diffalign.benchmarks import shapes_tia
+
+    parser.description = (
+        "Generates ShapesWorld images with the shipped model and labels them with the exact "
+        "detector (plus simulated annotator noise), in TIA2's format. "
+        "Python: diffalign.benchmarks.shapes_tia.make(...)."
+    )
+    parser.add_argument("--output", "-o", required=True, help="new (or empty) folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_dataclass_arguments(parser, shapes_tia.ShapesTiaConfig)
+    parser.set_defaults(handler=cmd_shapes_tia)
+
+
+def configure_protection(parser: argparse.ArgumentParser) -> None:
+    from diffalign.benchmarks import protection
+
+    parser.description = (
+        protection.__doc__.split("\n\n")[0] + " Protects scenes with each method and budget, "
+        "edits them with seen and unseen masks, after JPEG and with a second editor, and reports edit success, "
+        "PSNR, CLIP directional similarity and cost. Python: diffalign.benchmarks.protection.run(Settings(...))."
+    )
+    protection.add_arguments(parser)
+    parser.set_defaults(handler=cmd_protection)
+
+
+def cmd_tia2(args: argparse.Namespace) -> int:
+    from diffalign.benchmarks import tia2
+
+    output = Path(args.output)
+    result = tia2.run(
+        args.rewards,
+        args.data,
+        options=parse_options(args.option),
+        subsets=args.subsets,
+        batch_size=args.batch_size,
+        cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+        output=output,
+        progress=not args.no_progress,
+    )
+    print(tia2.format_table(result))
+    print(f"wrote tia2.json, tia2.csv and tia2.png to {output}")
+    return 0
+
+
+def cmd_shapes_tia(args: argparse.Namespace) -> int:
+    from diffalign.benchmarks import shapes_tia
+
+    config = shapes_tia.ShapesTiaConfig(**dataclass_values(args, shapes_tia.ShapesTiaConfig))
+    folder = shapes_tia.make(args.output, config, progress=not args.no_progress)
+    print(f"wrote shapes-TIA to {folder} (<subset>.json and <subset>/ per subset, README.md)")
+    return 0
+
+
+def cmd_protection(args: argparse.Namespace) -> int:
+    from diffalign.benchmarks import protection
+
+    output = Path(args.output) / "protection.json"
+    result = protection.run(protection.settings_from(args), output, progress=not args.no_progress)
+    print(protection.format_table(result))
+    print(f"wrote {output} and its figures beside it")
+    return 0

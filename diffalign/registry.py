@@ -1,0 +1,228 @@
+"""The registries a world or a model family fills when it is imported, and how they find it.
+
+Generic code never names a particular world. It looks names up here: built-in pipelines
+(``register_pipeline``), prompt sets (``register_prompt_set``, with the models they are meant
+for), TextNorm's contrast generators (``register_contrast``) and command groups of the
+``diffalign`` command (``register_command``). Rewards have their own registry,
+``diffalign.rewards.register``, which finds providers the same way.
+
+A *provider* is a module that registers things when it is imported, as ``diffalign.shapes``
+(ShapesWorld) does. A registry imports the built-in providers (``PROVIDERS``) and the ones
+installed packages declare under the entry-point group ``diffalign.providers`` the first time
+it is asked for a name it does not hold, or for its whole list; code that imports its own
+provider first needs neither. This module imports nothing heavy, so that a listing (``diffalign
+rewards``, ``diffalign --help``) stays fast: registered loaders import their models when called.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from diffalign.errors import DiffalignError
+
+# Modules that register built-in providers, imported by name on first need (like entry points of
+# the diffalign distribution itself).
+PROVIDERS: tuple[str, ...] = ("diffalign.shapes",)
+ENTRY_POINT_GROUP = "diffalign.providers"
+
+_loaded = False
+
+
+class RegistryError(DiffalignError, ValueError):
+    """A name is registered twice, or a provider cannot be imported."""
+
+
+def load_providers() -> None:
+    """Import every provider once: ``PROVIDERS``, then the ``diffalign.providers`` entry points."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True  # first, so that a provider that looks names up while registering does not recurse
+    for module in PROVIDERS:
+        importlib.import_module(module)
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as error:  # a broken third-party package must not take diffalign down silently
+            raise RegistryError(
+                f"the diffalign provider {entry.name!r} ({entry.value}) of an installed package failed to "
+                f"import: {type(error).__name__}: {error}. Fix or uninstall that package."
+            ) from error
+
+
+def lazy(target: str) -> Callable[..., Any]:
+    """A callable standing for ``"package.module:attribute"``, imported on its first call: how a
+    provider registers a class without importing its module (and the module's torch)."""
+    module, _, attribute = target.partition(":")
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), attribute)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = attribute
+    call.__doc__ = f"Imports {module} and calls its {attribute}."
+    return call
+
+
+def suggestion(name: str, names: list[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``names``, or an empty string."""
+    close = difflib.get_close_matches(str(name), names, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+Entry = TypeVar("Entry")
+
+
+class Registry(Generic[Entry]):
+    """Entries by name, filled by providers on import; lookups import the providers on a miss."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def add(self, name: str, entry: Entry) -> Entry:
+        if name in self._entries:
+            raise RegistryError(f"{self.kind} name {name!r} is registered twice")
+        self._entries[name] = entry
+        return entry
+
+    def get(self, name: str) -> Entry | None:
+        """The entry registered as ``name``, or None (after importing the providers)."""
+        if name not in self._entries:
+            load_providers()
+        return self._entries.get(name)
+
+    def names(self) -> list[str]:
+        """Every registered name, in registration order (after importing the providers)."""
+        load_providers()
+        return list(self._entries)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter([self._entries[name] for name in self.names()])
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+
+# --- pipelines -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltinPipeline:
+    """A pipeline known by name: ``load(torch_dtype=..., seed=...)`` returns a diffusers pipeline."""
+
+    name: str
+    load: Callable[..., Any]
+    kind: str  # "text-to-image" (a StableDiffusionPipeline) or "inpainting" (9-channel UNet)
+    description: str
+
+
+PIPELINE_KINDS = ("text-to-image", "inpainting")
+PIPELINES: Registry[BuiltinPipeline] = Registry("pipeline")
+
+
+def register_pipeline(
+    name: str, load: Callable[..., Any], *, kind: str = "text-to-image", description: str = ""
+) -> BuiltinPipeline:
+    """Make ``name`` a model spec: ``diffalign.pipeline.load(name)`` (or ``load_inpainting`` for the
+    inpainting kind) calls ``load(torch_dtype=..., seed=...)``, which imports what it needs."""
+    if kind not in PIPELINE_KINDS:
+        raise RegistryError(f"pipeline kind must be one of {', '.join(PIPELINE_KINDS)}, got {kind!r}")
+    return PIPELINES.add(name, BuiltinPipeline(name, load, kind, description))
+
+
+# --- prompt sets ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptSetEntry:
+    """A prompt set known by name, and the models its prompts are written for.
+
+    ``models`` is None for prompts any model can draw; otherwise the model specs that know the
+    prompts' world (evaluating other models on them measures nothing), and ``world`` names it in
+    messages.
+    """
+
+    name: str
+    load: Callable[[], list[str]]
+    models: tuple[str, ...] | None
+    world: str
+    description: str
+
+    def fits(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+PROMPT_SETS: Registry[PromptSetEntry] = Registry("prompt set")
+
+
+def register_prompt_set(
+    name: str,
+    load: Callable[[], list[str]],
+    *,
+    models: tuple[str, ...] | None = None,
+    world: str = "",
+    description: str = "",
+) -> PromptSetEntry:
+    """Make ``name`` a prompt set: ``load()`` returns its prompts in a fixed order."""
+    return PROMPT_SETS.add(
+        name, PromptSetEntry(name, load, tuple(models) if models else None, world, description)
+    )
+
+
+# --- contrast generators (TextNorm) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContrastEntry:
+    """A contrast generator known by name: ``make(**options)``, or ``make(path, **options)`` for a
+    generator written ``name:PATH``."""
+
+    name: str
+    make: Callable[..., Callable[[str], list[str]]]
+    takes_path: bool
+    description: str
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:PATH" if self.takes_path else self.name
+
+
+CONTRASTS: Registry[ContrastEntry] = Registry("contrast generator")
+
+
+def register_contrast(
+    name: str,
+    make: Callable[..., Callable[[str], list[str]]],
+    *,
+    takes_path: bool = False,
+    description: str = "",
+) -> ContrastEntry:
+    """Make ``name`` (or ``name:PATH``) a contrast generator for TextNorm's ``contrast`` option."""
+    return CONTRASTS.add(name, ContrastEntry(name, make, takes_path, description))
+
+
+# --- command groups ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommandGroup:
+    """A ``diffalign <name> ...`` command: ``module`` has ``configure(parser)``, which adds its
+    arguments (or subcommands) and handlers; it is imported only when the command is used."""
+
+    name: str
+    module: str
+    help: str
+
+
+COMMANDS: Registry[CommandGroup] = Registry("command")
+
+
+def register_command(name: str, module: str, *, help: str) -> CommandGroup:  # argparse's word
+    """Add ``diffalign <name>`` to the command, configured by ``module.configure(parser)``."""
+    return COMMANDS.add(name, CommandGroup(name, module, help))
