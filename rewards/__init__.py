@@ -21,6 +21,7 @@ from diffalign.rewards.checkpoints import TINY_RANDOM, MissingCheckpointError
 
 # Importing these modules registers their rewards.
 from diffalign.rewards import aesthetic, clip_score, compression, hpsv2, pickscore, shapes  # noqa: F401
+from diffalign.rewards import blip2, imagereward  # noqa: F401
 from diffalign.rewards.contrast import ContrastError
 from diffalign.rewards.textnorm import TextNorm, TextNormError
 
