@@ -12,7 +12,9 @@ normalised with CLIP's statistics, in torch, so gradients reach the pixels (ReFL
 **How it loads, and why not through the ``image-reward`` package.** The authors' package
 (``image-reward`` 1.5, 2023) pins ``timm==0.6.13`` and ``fairscale==0.4.13`` and vendors a BLIP
 text encoder written against transformers 4.2x internals; installing it would downgrade timm
-under open_clip, and its vendored code does not import under the transformers diffalign uses.
+under open_clip, and its vendored code does not import under the transformers diffalign uses
+(it takes ``apply_chunking_to_forward`` from ``transformers.modeling_utils``, which no longer has
+it; the package also imports OpenAI's ``clip`` module without declaring it).
 BLIP itself is in transformers (``BlipVisionModel``, ``BlipTextModel``, ported from the same
 BLIP code ImageReward vendors), so this module reads the released ``ImageReward.pt`` and
 ``med_config.json`` and loads them into those classes: the text encoder's parameter names are
