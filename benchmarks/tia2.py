@@ -18,10 +18,14 @@ The algorithm, as ``run`` does it:
 3. ``metrics``: per prompt (images grouped by caption within a subset), positive class =
    ground truth 1:
 
-   - AUROC, AUPRC (``sklearn``'s average precision) and P@k, the share of aligned images
-     among the k best scored, k = 5, 10, 25, or all the prompt's images when it has fewer.
-     P@k counts a tie at the k-th place by expectation (each tied image equally likely to
-     be in), as AUROC counts ties as half. A prompt with no aligned image has none of these.
+   - AUROC, AUPRC (``sklearn``'s average precision), P@k, the share of aligned images
+     among the k best scored, and AP@k, the TextNorm authors' ranking metric: the mean, over
+     the aligned images among the k best scored, of the precision at each one's rank (0 when
+     none is there), k = 5, 10, 25, or all the prompt's images when it has fewer. AP@k groups
+     tied scores as ``sklearn``'s average precision does (a tie is one step), which is what
+     the released values show (docs/tia2.md, "AP@k"). P@k and AP@k count a tie at the k-th
+     place by expectation (each tied image equally likely to be in), as AUROC counts ties as
+     half. A prompt with no aligned image has none of these.
    - Spearman's ρ and Kendall's τ-b between the score and the ground-truth label (ties in
      the three-level labels are the norm, which τ-b accounts for). A reward that gives all
      of a prompt's images the same score has no association with the labels: 0.
@@ -29,6 +33,11 @@ The algorithm, as ``run`` does it:
      and counted (``prompts_skipped``).
 
    The subset's value of each metric is its mean over the prompts that have it.
+
+4. ``compare`` (optional): beside the authors' released per-prompt metrics
+   (``alignment_scores_<subset>.json``, read by ``load_reference``), the means of ours and
+   theirs over exactly the prompts both scored, and a check that our ground truth gives their
+   ``human`` share for every prompt and skips exactly the prompts absent from their files.
 
 Data layout (the TextNorm repository's ``human_annotations/human_labels_<subset>.json``,
 and shapes-TIA, see ``shapes_tia.py``): a JSON object keyed by image name; each value has
@@ -55,6 +64,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -75,7 +85,12 @@ from diffalign.errors import DiffalignError
 SHAPES_TIA = shapes_tia.NAME  # the built-in dataset, generated on first use
 TIA2_SUBSETS: tuple[str, ...] = ("comprehensive", "counting", "composition")  # listed first, in this order
 TOP_K: tuple[int, ...] = (5, 10, 25)
-RANKING_METRICS: tuple[str, ...] = ("auroc", "auprc", *(f"p@{k}" for k in TOP_K))  # need an aligned image
+RANKING_METRICS: tuple[str, ...] = (  # need an aligned image
+    "auroc",
+    "auprc",
+    *(f"p@{k}" for k in TOP_K),
+    *(f"ap@{k}" for k in TOP_K),
+)
 METRICS: tuple[str, ...] = (*RANKING_METRICS, "spearman", "kendall")
 COUNTS: tuple[str, ...] = (
     "prompts_used",
@@ -362,6 +377,37 @@ def precision_at_k(scores: np.ndarray, aligned: np.ndarray, k: int) -> float:
     return float((aligned[above].sum() + (k - above.sum()) * aligned[tied].mean()) / k)
 
 
+def average_precision_at_k(scores: np.ndarray, aligned: np.ndarray, k: int) -> float:
+    """AP@k as the TextNorm authors compute it: the mean, over the aligned images among the ``k``
+    best scored (all of them if fewer), of the precision at each one's rank; 0 when none of the
+    k is aligned. Dividing by the aligned images *in the top k* (not by k, nor by all aligned
+    images) is the one normalisation that fits the released values (docs/tia2.md, "AP@k").
+
+    Tied scores form one step, as in ``sklearn``'s average precision: each aligned image of a
+    tie gets the precision at the tie's last rank. A tie at the k-th place is counted by
+    expectation over which of its images are in (each equally likely): ``j`` of its aligned
+    images are in with hypergeometric probability, and they close the top k as one step.
+    """
+    aligned = np.asarray(aligned, dtype=bool)
+    k = min(k, len(scores))
+    threshold = np.sort(scores)[::-1][k - 1]
+    precision_sum, seen, hits = 0.0, 0, 0  # over the tie groups strictly above the threshold
+    for value in np.unique(scores[scores > threshold])[::-1]:
+        group = scores == value
+        seen += int(group.sum())
+        group_hits = int(aligned[group].sum())
+        hits += group_hits
+        precision_sum += group_hits * hits / seen
+    tied = scores == threshold
+    tied_total, tied_aligned, taken = int(tied.sum()), int(aligned[tied].sum()), k - seen
+    expected = 0.0
+    for j in range(max(0, taken - (tied_total - tied_aligned)), min(taken, tied_aligned) + 1):
+        chance = math.comb(tied_aligned, j) * math.comb(tied_total - tied_aligned, taken - j)
+        if hits + j:
+            expected += chance * (precision_sum + j * (hits + j) / k) / (hits + j)
+    return float(expected / math.comb(tied_total, taken))
+
+
 def prompt_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """TIA2's metrics for one prompt: ``scores  # [N]`` from the reward, ``labels  # [N]``
     ground truth with at least two distinct values. NaN where a metric is undefined (no
@@ -372,6 +418,7 @@ def prompt_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         result["auroc"] = float(roc_auc_score(aligned, scores))
         result["auprc"] = float(average_precision_score(aligned, scores))
         result.update({f"p@{k}": precision_at_k(scores, aligned, k) for k in TOP_K})
+        result.update({f"ap@{k}": average_precision_at_k(scores, aligned, k) for k in TOP_K})
     else:
         result.update({metric: math.nan for metric in RANKING_METRICS})
     if np.ptp(scores) == 0:  # scipy would warn and return NaN
@@ -452,10 +499,16 @@ def run(
     cache_dir: str | Path | None = None,
     output: str | Path | None = RESULTS,
     progress: bool = True,
+    reference: Reference | str | Path | None = None,
+    reference_models: Mapping[str, str] | None = None,
 ) -> dict:
     """The TIA2 table of several registered rewards (``options``: ``{reward name: options}``),
     written to ``output`` as ``tia2.json`` (with per-prompt metrics and the missing images),
-    ``tia2.csv`` and ``tia2.png`` when ``output`` is given. Returns what the JSON holds."""
+    ``tia2.csv`` and ``tia2.png`` when ``output`` is given. Returns what the JSON holds.
+
+    ``reference``: the authors' released ``alignment_scores`` (a folder or ``Reference``); the
+    result then holds ``compare``'s side-by-side under ``"reference"`` (``reference_models``:
+    ``{reward name: released model}`` beyond ``REFERENCE_MODELS``)."""
     if len(set(reward_names)) != len(reward_names) or not reward_names:
         raise TIA2Error(f"give one or more distinct reward names, got {list(reward_names)}")
     options = dict(options or {})
@@ -493,6 +546,8 @@ def run(
             summary, per_prompt = metrics(dataset.subsets[name], scores[name])
             result["results"][reward_name][name] = summary
             result["per_prompt"][reward_name][name] = per_prompt
+    if reference is not None:
+        result["reference"] = compare(result, reference, dataset=dataset, models=reference_models)
     if output is not None:
         write_outputs(result, Path(output))
     return result
@@ -579,3 +634,340 @@ def format_table(result: dict) -> str:
     ):
         lines.append("prompts with no aligned image count for spearman/kendall only (see prompts_no_aligned)")
     return "\n".join(lines)
+
+
+# --- the authors' released figures ------------------------------------------------------------------
+
+REFERENCE_METRICS: dict[str, str] = {  # our metric -> its key in the released files
+    "auroc": "auroc",
+    "auprc": "auprc",
+    "ap@5": "ap5",
+    "ap@10": "ap10",
+    "ap@25": "ap25",
+    "spearman": "spearman",
+    "kendall": "kendall",
+}
+REFERENCE_MODELS: dict[str, str] = {  # our reward -> the released model it stands for
+    "clip-score": "clip",
+    "blip2": "blip2",
+    "imagereward": "imagereward",
+    "pickscore": "pickscore",
+}
+_REFERENCE_FILE_PREFIX = "alignment_scores_"  # how the TextNorm repository names its files
+_HUMAN_TOLERANCE = 1e-9  # the released shares are k/50 written as floats
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The authors' released per-prompt figures: ``subsets[subset][prompt]`` holds ``human`` (the
+    share of the prompt's images whose majority label is 1) and, per model, its metrics."""
+
+    root: Path
+    subsets: dict[str, dict[str, dict]] = field(repr=False)
+
+    def models(self, subset: str) -> list[str]:
+        """The models released for ``subset``, in file order."""
+        names: dict[str, None] = {}
+        for record in self.subsets[subset].values():
+            names.update((key, None) for key, value in record.items() if isinstance(value, dict))
+        return list(names)
+
+
+def load_reference(path: str | Path) -> Reference:
+    """Read the TextNorm authors' ``alignment_scores_<subset>.json`` files: a folder of them, the
+    repository folder that holds ``alignment_scores/``, or one such file."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "alignment_scores").is_dir():
+        path = path / "alignment_scores"
+    files = sorted(path.glob(f"{_REFERENCE_FILE_PREFIX}*.json")) if path.is_dir() else []
+    if path.is_file():
+        files = [path]
+    if not files:
+        raise TIA2Error(
+            f"no released TIA2 scores at {str(path)!r}: expected alignment_scores_<subset>.json files "
+            "(the alignment_scores/ folder of the TextNorm repository, or the repository folder itself)"
+        )
+    subsets = {}
+    for file in files:
+        try:
+            raw = json.loads(file.read_text("utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise TIA2Error(f"cannot read released TIA2 scores {file}: {error}") from error
+        subsets[file.stem.removeprefix(_REFERENCE_FILE_PREFIX)] = _check_reference(file, raw)
+    order = sorted(subsets, key=lambda s: (TIA2_SUBSETS.index(s) if s in TIA2_SUBSETS else 99, s))
+    return Reference(root=path, subsets={name: subsets[name] for name in order})
+
+
+def _check_reference(file: Path, raw) -> dict[str, dict]:
+    if not isinstance(raw, dict) or not raw:
+        raise TIA2Error(f"{file}: expected a JSON object mapping prompts to {{'human': ..., model: {{...}}}}")
+    for prompt, record in raw.items():
+        human = record.get("human") if isinstance(record, dict) else None
+        if not isinstance(human, (int, float)) or not 0 <= human <= 1:
+            raise TIA2Error(f"{file}, prompt {prompt!r}: 'human' must be a share in [0, 1], got {human!r}")
+        for model, values in record.items():
+            if not isinstance(values, dict):
+                continue
+            missing = [
+                key for key in REFERENCE_METRICS.values() if not isinstance(values.get(key), (int, float))
+            ]
+            if missing:
+                raise TIA2Error(f"{file}, prompt {prompt!r}, model {model!r}: no numeric {missing}")
+    return raw
+
+
+def check_labels(subset: Subset, released: Mapping[str, dict]) -> dict:
+    """Whether our ground truth agrees with one released subset: for every released prompt, the
+    share of its images whose ground truth is 1 equals the released ``human``; and the prompts
+    absent from the release are exactly those we skip (all images one ground-truth label).
+    Uses the labels only, so it holds whether or not the images are at hand."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for entry in subset.entries:
+        groups[entry.caption].append(entry.label)
+    single = [caption for caption, labels in groups.items() if len(set(labels)) == 1]
+    mismatches = [
+        {"prompt": caption, "ours": share, "released": released[caption]["human"]}
+        for caption, labels in groups.items()
+        if caption in released
+        and abs((share := sum(label == 1 for label in labels) / len(labels)) - released[caption]["human"])
+        > _HUMAN_TOLERANCE
+    ]
+    report = {
+        "prompts": len(groups),
+        "released": len(released),
+        "skipped": len(single),
+        "human_mismatches": mismatches,
+        "skipped_but_released": [caption for caption in single if caption in released],
+        "ranked_but_absent": [c for c in groups if c not in released and c not in single],
+        "released_but_unlabelled": [caption for caption in released if caption not in groups],
+    }
+    report["agrees"] = not any(report[key] for key in list(report)[3:])
+    return report
+
+
+def reference_model(reward_name: str, models: Sequence[str], explicit: Mapping[str, str] | None = None):
+    """The released model that ``reward_name`` stands for among ``models``, or None: ``explicit``
+    first, then ``REFERENCE_MODELS``, then the one ``textnorm_*`` model for a TextNorm reward,
+    then a model of the same name."""
+    if explicit and reward_name in explicit:
+        name = explicit[reward_name]
+    elif reward_name in REFERENCE_MODELS:
+        name = REFERENCE_MODELS[reward_name]
+    elif reward_name.startswith("textnorm"):
+        variants = [model for model in models if model.startswith("textnorm")]
+        name = variants[0] if len(variants) == 1 else None
+    else:
+        name = reward_name
+    return name if name in models else None
+
+
+def compare(
+    result: dict,
+    reference: Reference | str | Path,
+    *,
+    dataset: Dataset | None = None,
+    models: Mapping[str, str] | None = None,
+) -> dict:
+    """``run``'s result beside the released figures: for each reward, subset and the released
+    model it stands for (``reference_model``), the mean of each of ``REFERENCE_METRICS``, ours
+    and theirs, over exactly the prompts both scored; and ``check_labels`` per subset.
+    ``dataset``: the loaded data of ``result`` (read again from ``result["data"]`` if None)."""
+    reference = reference if isinstance(reference, Reference) else load_reference(reference)
+    for reward_name, model in (models or {}).items():
+        known = sorted({m for subset in reference.subsets for m in reference.models(subset)})
+        if model not in known:
+            raise TIA2Error(
+                f"reference model {model!r} (for {reward_name!r}) is not in {reference.root}; "
+                f"the released models are {', '.join(known)}"
+            )
+    if dataset is None:
+        dataset = load(result["data"], progress=False)
+    shared = [subset for subset in result["subsets"] if subset in reference.subsets]
+    comparison: dict = {
+        "reference": str(reference.root),
+        "labels": {
+            subset: check_labels(dataset.subsets[subset], reference.subsets[subset]) for subset in shared
+        },
+        "rows": [],
+        "unmatched": [],
+    }
+    for reward_name, by_subset in result["per_prompt"].items():
+        matched = False
+        for subset in shared:
+            model = reference_model(reward_name, reference.models(subset), models)
+            if model is None:
+                continue
+            matched = True
+            ours, released = by_subset[subset], reference.subsets[subset]
+            both = [prompt for prompt in ours if model in released.get(prompt, {})]
+            comparison["rows"].append(
+                {
+                    "reward": reward_name,
+                    "model": model,
+                    "subset": subset,
+                    "prompts": len(both),
+                    "ours_only": len(ours) - len(both),
+                    "released_only": sum(model in record for record in released.values()) - len(both),
+                    "ours": {m: _mean([ours[p][m] for p in both]) for m in REFERENCE_METRICS},
+                    "released": {
+                        m: _mean([released[p][model][key] for p in both])
+                        for m, key in REFERENCE_METRICS.items()
+                    },
+                }
+            )
+        if not matched:
+            comparison["unmatched"].append(reward_name)
+    return comparison
+
+
+def reference_means(reference: Reference | str | Path) -> dict[str, dict[str, dict[str, float]]]:
+    """The released files' own means: ``{subset: {model: {metric: mean over its prompts}}}``, with
+    ``prompts`` the number of prompts each mean is over."""
+    reference = reference if isinstance(reference, Reference) else load_reference(reference)
+    means: dict[str, dict[str, dict[str, float]]] = {}
+    for subset, records in reference.subsets.items():
+        means[subset] = {}
+        for model in reference.models(subset):
+            rows = [record[model] for record in records.values() if model in record]
+            means[subset][model] = {
+                m: float(np.mean([row[k] for row in rows])) for m, k in REFERENCE_METRICS.items()
+            }
+            means[subset][model]["prompts"] = len(rows)
+    return means
+
+
+def format_comparison(comparison: dict) -> str:
+    """One row per reward × subset: each metric as ``ours/released`` over the prompts both scored,
+    then how our labels agree with the release."""
+    metrics = list(REFERENCE_METRICS)
+    header = f"{'reward':<22} {'released':<14} {'subset':<14}{'prompts':>8}" + "".join(
+        f"{m:>14}" for m in metrics
+    )
+    lines = [f"TIA2 beside the released figures in {comparison['reference']} (ours/released):", header]
+    lines.append("-" * len(header))
+    for row in comparison["rows"]:
+        cells = "".join(f"{row['ours'][m]:>7.3f}/{row['released'][m]:<6.3f}" for m in metrics)
+        lines.append(f"{row['reward']:<22} {row['model']:<14} {row['subset']:<14}{row['prompts']:>8}{cells}")
+    if comparison["unmatched"]:
+        lines.append(
+            f"no released model for {', '.join(comparison['unmatched'])}: map one with --reference-model "
+            "REWARD=MODEL (models=... in Python)"
+        )
+    lines.extend(format_label_check(subset, check) for subset, check in comparison["labels"].items())
+    lines.append(
+        "spearman/kendall: the released files correlate scores with a finer per-image label than our "
+        "majority label, so those two columns differ by definition (docs/tia2.md)"
+    )
+    return "\n".join(lines)
+
+
+def format_label_check(subset: str, check: dict) -> str:
+    """One line: whether ``check_labels`` found our labels to agree with the release."""
+    if check["agrees"]:
+        return (
+            f"labels, {subset}: our majority-label share equals the released 'human' on all "
+            f"{check['released']} released prompts; the {check['skipped']} we skip (one label) are "
+            "exactly the ones absent from the release"
+        )
+    problems = {key: check[key][:3] for key in list(check)[3:-1] if check[key]}
+    return f"labels, {subset}: DISAGREE with the release (first cases): {problems}"
+
+
+def format_reference_means(means: dict) -> str:
+    """The released files' means, one row per subset × model."""
+    metrics = list(REFERENCE_METRICS)
+    header = f"{'subset':<14} {'model':<14}{'prompts':>8}" + "".join(f"{m:>9}" for m in metrics)
+    lines = [header, "-" * len(header)]
+    for subset, by_model in means.items():
+        for model, values in by_model.items():
+            cells = "".join(f"{values[m]:9.3f}" for m in metrics)
+            lines.append(f"{subset:<14} {model:<14}{values['prompts']:>8}{cells}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffalign.benchmarks.tia2``: the benchmark with ``--reference``. With
+    ``--reference`` and no ``--rewards`` it scores nothing: it prints the released means and,
+    given ``--data``, checks our labels against the release."""
+    import argparse
+
+    from diffalign import config
+
+    parser = argparse.ArgumentParser(prog="python -m diffalign.benchmarks.tia2", description=main.__doc__)
+    parser.add_argument("--rewards", nargs="+", metavar="NAME", help="registered reward names")
+    parser.add_argument("--data", help=f"TIA2 folder or file, or {SHAPES_TIA} (default with --rewards)")
+    parser.add_argument("--subsets", nargs="+", metavar="SUBSET", help="subsets to evaluate (default: all)")
+    parser.add_argument(
+        "--option", action="append", default=[], metavar="REWARD.KEY=VALUE", help="reward option"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per reward call")
+    parser.add_argument("--output", "-o", help="folder for tia2.json/.csv/.png (default: none written)")
+    parser.add_argument("--cache-dir", help="score cache folder (default: <data>/.diffalign-scores/)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached scores")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--reference", metavar="DIR", help="the authors' alignment_scores folder (or its parent)"
+    )
+    parser.add_argument(
+        "--reference-model",
+        action="append",
+        default=[],
+        metavar="REWARD=MODEL",
+        help=f"which released model a reward stands for, beyond the defaults {REFERENCE_MODELS}",
+    )
+    args = parser.parse_args(argv)
+    models = dict(pair.split("=", 1) for pair in args.reference_model if "=" in pair)
+    if len(models) != len(args.reference_model):
+        parser.error("--reference-model takes REWARD=MODEL, e.g. clip-score=clip")
+    try:
+        if not args.rewards:
+            if not args.reference:
+                parser.error("give --rewards to score, or --reference to read the released figures")
+            reference = load_reference(args.reference)
+            print(format_reference_means(reference_means(reference)))
+            if args.data:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the check reads labels only: images may be absent
+                    dataset = load(args.data, progress=not args.no_progress)
+                for subset in _select(dataset, args.subsets):
+                    if subset in reference.subsets:
+                        check = check_labels(dataset.subsets[subset], reference.subsets[subset])
+                        print(format_label_check(subset, check))
+            return 0
+        options: dict = {}
+        for text in args.option:
+            options = _merged(options, config.parse_override(text))
+        result = run(
+            args.rewards,
+            args.data or SHAPES_TIA,
+            options=options,
+            subsets=args.subsets,
+            batch_size=args.batch_size,
+            cache=not args.no_cache,
+            cache_dir=args.cache_dir,
+            output=args.output,
+            progress=not args.no_progress,
+            reference=args.reference,
+            reference_models=models,
+        )
+    except DiffalignError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if "reference" in result:
+        print(format_comparison(result["reference"]))
+    if args.output:
+        print(f"wrote tia2.json, tia2.csv and tia2.png to {args.output}")
+    return 0
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both else value
+    return merged
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,11 +62,28 @@ register(
     differentiable=True,
     needs_checkpoint=True,
 )(lazy("diffalign.rewards.pickscore:PickScore"))
+register(
+    "imagereward",
+    description="ImageReward (Xu et al. 2023): BLIP reward model of human preference, normalised score",
+    differentiable=True,
+    needs_checkpoint=True,
+)(lazy("diffalign.rewards.imagereward:ImageReward"))
+register(
+    "blip2",
+    description="BLIP-2 image-text matching (Li et al. 2023): log-odds that the prompt matches the image",
+    differentiable=True,
+    needs_checkpoint=True,
+)(lazy("diffalign.rewards.blip2:Blip2ITM"))
 register_wrapper(
     "textnorm",
     description="TextNorm (Kim et al. 2024): probability of the prompt among contrastive prompts; "
     "differentiable iff its members are",
 )(lazy("diffalign.rewards.textnorm:build_textnorm"))
+register_wrapper(
+    "textnorm-ur",
+    description="TextNorm's uncertainty-regularised ensemble (Kim et al. 2024): the members' mean "
+    "probability minus uncertainty_weight (default 1) times their variance",
+)(lazy("diffalign.rewards.textnorm:build_textnorm_ur"))
 
 # Names of the reward modules, imported on first access (PEP 562) so that importing the package stays light.
 _LAZY = {

@@ -47,12 +47,17 @@ from torch import nn
 # is 100, as is that of LAION's ViT-H/14, which HPSv2 fine-tunes (its own value unchecked here: no
 # weights on this machine); PickScore's score already includes its logit scale, so its c is 1.
 # shapes-negclip (shapes-clip fine-tuned with hard negatives) ended its fine-tune at exp = 27.4.
+# ImageReward was trained as a Bradley-Terry model on its raw output r, and its score is
+# (r - mean) / 1.0333, so c = 1.0333 makes the softmax the model's own choice among the prompts;
+# blip2's score is ITM log-odds, whose softmax at c = 1 is the matching odds normalised over them.
 DEFAULT_SCALES: dict[str, float] = {
     "shapes-clip": 20.0,
     "shapes-negclip": 27.4,
     "clip-score": 100.0,
     "hpsv2": 100.0,
     "pickscore": 1.0,
+    "imagereward": 1.0333394966054072,
+    "blip2": 1.0,
 }
 
 
@@ -205,3 +210,11 @@ def build_textnorm(members: Sequence[str], **options: Any) -> TextNorm:
             )
     rewards = [build(name, **member_options.get(name, {})) for name in members]
     return TextNorm(rewards, **options)
+
+
+def build_textnorm_ur(members: Sequence[str], uncertainty_weight: float = 1.0, **options: Any) -> TextNorm:
+    """``textnorm-ur(a,b,...)``: ``textnorm(a,b,...)`` with the variance penalty on by default
+    (lambda = 1, the value most of the authors' released TIA2 prompts record); options as there."""
+    reward = build_textnorm(members, uncertainty_weight=uncertainty_weight, **options)
+    reward.name = f"textnorm-ur({','.join(members)})"
+    return reward

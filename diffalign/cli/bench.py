@@ -38,9 +38,10 @@ def configure_tia2(parser: argparse.ArgumentParser) -> None:
 
     parser.description = (
         "Scores every labelled image with each reward and reports, per subset, the mean over "
-        "prompts of AUROC, AUPRC, precision at 5/10/25, Spearman and Kendall against the labels; writes "
-        "tia2.json, tia2.csv and the bar chart tia2.png. Python: diffalign.benchmarks.tia2.run(...), or "
-        "tia2.evaluate(reward, data) for one reward."
+        "prompts of AUROC, AUPRC, precision and the authors' truncated average precision at 5/10/25 "
+        "(p@k, ap@k), Spearman and Kendall against the labels; writes tia2.json, tia2.csv and the bar chart "
+        "tia2.png. With --reference, prints the authors' released per-subset means beside ours on the "
+        "prompts both scored. Python: diffalign.benchmarks.tia2.run(...), or tia2.evaluate(reward, data)."
     )
     parser.add_argument(
         "--rewards",
@@ -72,6 +73,25 @@ def configure_tia2(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="score cache folder (default: <data>/.diffalign-scores/)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached scores")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--reference",
+        metavar="DIR",
+        help="the TextNorm authors' alignment_scores folder (or its parent): print their per-subset means "
+        "beside ours on exactly the prompts both scored",
+    )
+    parser.add_argument(
+        "--reference-model",
+        action="append",
+        default=[],
+        metavar="REWARD=MODEL",
+        help="which released model a reward stands for (e.g. clip-score=clip), beyond the built-in pairs; repeatable",
+    )
+    parser.add_argument(
+        "--released-means",
+        action="store_true",
+        help="with --reference: print the released means (and, for --data, check our labels against the "
+        "release) without scoring anything",
+    )
     parser.set_defaults(handler=cmd_tia2)
 
 
@@ -104,6 +124,15 @@ def configure_protection(parser: argparse.ArgumentParser) -> None:
 def cmd_tia2(args: argparse.Namespace) -> int:
     from diffalign.benchmarks import tia2
 
+    models = dict(pair.split("=", 1) for pair in args.reference_model if "=" in pair)
+    if len(models) != len(args.reference_model):
+        raise tia2.TIA2Error("--reference-model takes REWARD=MODEL, e.g. clip-score=clip")
+    if args.released_means:
+        if not args.reference:
+            raise tia2.TIA2Error("--released-means needs --reference DIR")
+        # the label check needs a TIA2 folder: the built-in shapes-TIA has no released counterpart
+        data = [] if args.data == tia2.SHAPES_TIA else ["--data", args.data]
+        return tia2.main(["--reference", args.reference, *data, "--no-progress"])
     output = Path(args.output)
     result = tia2.run(
         args.rewards,
@@ -115,8 +144,12 @@ def cmd_tia2(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         output=output,
         progress=not args.no_progress,
+        reference=args.reference,
+        reference_models=models,
     )
     print(tia2.format_table(result))
+    if "reference" in result:
+        print(tia2.format_comparison(result["reference"]))
     print(f"wrote tia2.json, tia2.csv and tia2.png to {output}")
     return 0
 
