@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from diffalign.benchmarks import seeded_runs
+from diffalign.benchmarks.seeded_runs import queries_to_reach  # noqa: F401 - part of this study's API
 
 VARIANTS: dict[str, list[str]] = {
     "ddpo": ["method=ddpo"],

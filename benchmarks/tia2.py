@@ -581,6 +581,8 @@ def save_chart(result: dict, path: Path) -> Path:
     """Bars of mean AUROC and AUPRC per subset, one colour per reward (chance AUROC dashed)."""
     import matplotlib.pyplot as plt
 
+    from diffalign import plots  # noqa: F401 - selects matplotlib's file-only backend (Agg)
+
     subsets, reward_names = result["subsets"], list(result["results"])
     width = 0.8 / len(reward_names)
     positions = np.arange(len(subsets))
