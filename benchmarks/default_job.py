@@ -34,7 +34,7 @@ VARIANTS: dict[str, list[str]] = {
     # The candidate measured on 3 seeds (AlignProp preset: lr 1e-3, LoRA rank 4, 16 x 2 images per epoch,
     # K <= 2; eval.every=10 keeps evaluation to 7 passes): train oracle +0.059, +0.042, -0.030, short of the bar.
     "alignprop+diffexp": ["method=alignprop", "exploration=diffexp", "epochs=60", "eval.every=10"],
-    "ddpo": ["method=ddpo"],  # the default job until issue 14
+    "ddpo": ["method=ddpo"],  # the previous default job
     # The default job as shipped (diffalign/presets/default.yaml: AlignProp + DiffExp, 20 epochs).
     "default": [],
     # The relation-reading proxy, gradients through up to all 20 steps: +0.048 / -0.013 / +0.023 at epoch 20.
