@@ -351,3 +351,17 @@ def test_cli_rejects_a_malformed_reference_model(capsys):
     assert "REWARD=MODEL" in capsys.readouterr().err
     assert main(["bench", "tia2", "--released-means"]) == 2
     assert "--released-means needs --reference" in capsys.readouterr().err
+
+
+def test_diffalign_bench_tia2_prints_the_side_by_side(stand_in, tmp_path, capsys):
+    from diffalign.cli import main
+
+    argv = ["bench", "tia2", "--rewards", Brightness.name, "--data", str(stand_in), "--subsets", "counting"]
+    argv += ["--reference", str(RELEASED), "--reference-model", f"{Brightness.name}=clip", "--no-cache"]
+    argv += ["--no-progress", "--output", str(tmp_path / "out")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the left-out images
+        assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "beside the released figures" in out and f"{Brightness.name:<22} clip" in out
+    assert (tmp_path / "out" / "tia2.json").is_file()
