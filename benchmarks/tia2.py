@@ -903,7 +903,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--option", action="append", default=[], metavar="REWARD.KEY=VALUE", help="reward option"
     )
     parser.add_argument("--batch-size", type=int, default=64, help="images per reward call")
-    parser.add_argument("--output", "-o", help="folder for tia2.json/.csv/.png (default: none written)")
+    parser.add_argument(
+        "--output", "-o", default="results/tia2", help="folder for tia2.json/.csv/.png when scoring"
+    )
     parser.add_argument("--cache-dir", help="score cache folder (default: <data>/.diffalign-scores/)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached scores")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

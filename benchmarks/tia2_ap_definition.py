@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 from diffalign.benchmarks import tia2
+
+from diffalign import outputs
 
 NORMALISATIONS: tuple[str, ...] = ("hits", "min(k,R)", "k", "R", "mean P@i")
 TOLERANCE = 1e-8
@@ -170,8 +173,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--k", type=int, nargs="+", default=list(tia2.TOP_K), help="k values (default 5 10 25)"
     )
+    parser.add_argument(
+        "--output", default="results/tia2_ap_definition", help="folder for ap_definition.json"
+    )
     args = parser.parse_args(argv)
-    print(format_counts(derive(args.folder, args.k)))
+    counts = derive(args.folder, args.k)
+    print(format_counts(counts))
+    rows = [
+        {
+            "k": k,
+            "model": model,
+            "values": counts["values"][k, model],
+            "fit": {name: counts["fit"][k, model, name] for name in NORMALISATIONS},
+            "misses": counts["misses"][k, model],
+            "misses_explained_by_ties": counts["tied"][k, model] if k <= 10 else None,
+        }
+        for k, model in counts["values"]
+    ]
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    outputs.write_text(output / "ap_definition.json", json.dumps(rows, indent=1))
+    print(f"wrote {output / 'ap_definition.json'}")
     return 0
 
 

@@ -269,7 +269,7 @@ def test_rewards_map_to_released_models_by_default_or_by_name():
     assert tia2.reference_model("shapes-clip", models, {"shapes-clip": "clip"}) == "clip"
 
 
-def test_module_cli_prints_released_means_and_the_side_by_side(stand_in, capsys):
+def test_module_cli_prints_released_means_and_the_side_by_side(stand_in, tmp_path, capsys):
     assert tia2.main(["--reference", str(RELEASED), "--data", str(RELEASED / "human_annotations")]) == 0
     out = capsys.readouterr().out
     auroc = np.mean(
@@ -279,9 +279,11 @@ def test_module_cli_prints_released_means_and_the_side_by_side(stand_in, capsys)
     assert out.count("exactly the ones absent from the release") == 3
     argv = ["--rewards", Brightness.name, "--data", str(stand_in), "--subsets", "counting", "--no-cache"]
     argv += ["--reference", str(RELEASED), "--reference-model", f"{Brightness.name}=clip", "--no-progress"]
+    argv += ["--output", str(tmp_path / "module-out")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert tia2.main(argv) == 0
+    assert (tmp_path / "module-out" / "tia2.json").is_file()
     out = capsys.readouterr().out
     assert "beside the released figures" in out and f"{Brightness.name:<22} clip" in out
     assert tia2.main(["--reference", str(RELEASED / "nowhere")]) == 2
@@ -365,3 +367,11 @@ def test_diffalign_bench_tia2_prints_the_side_by_side(stand_in, tmp_path, capsys
     out = capsys.readouterr().out
     assert "beside the released figures" in out and f"{Brightness.name:<22} clip" in out
     assert (tmp_path / "out" / "tia2.json").is_file()
+
+
+def test_the_ap_definition_study_writes_its_counts(tmp_path, capsys):
+    assert tia2_ap_definition.main([str(RELEASED), "--k", "5", "--output", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "ap_definition.json").read_text("utf-8"))
+    assert rows and all(row["k"] == 5 for row in rows)
+    for row in rows:  # the hits normalisation fits every released value the others may miss
+        assert row["fit"]["hits"] + row["misses"] == row["values"]
