@@ -37,7 +37,7 @@ import torch
 from diffalign.benchmarks.layout_steps import conversed
 
 from diffalign import prompts as prompt_sets
-from diffalign.evaluation import _EVAL_SEED_OFFSET
+from diffalign.evaluation import evaluation_generator
 from diffalign.sampling import decode_latents, encode_prompts, guided_noise, initial_latents
 from diffalign.shapes import assets, detector
 from diffalign.shapes.grammar import parse, text
@@ -85,8 +85,7 @@ def direction_blind_ceiling(prompts: list[str]) -> float:
 
 def evaluation_prompts(seed: int, size: int = 64) -> list[str]:
     """The train prompts ``diffalign train``'s evaluator scores for ``seed`` (its first prompt set)."""
-    generator = torch.Generator().manual_seed(seed + _EVAL_SEED_OFFSET)
-    return prompt_sets.draw(prompt_sets.load_prompts("shapes-train"), size, generator)
+    return prompt_sets.draw(prompt_sets.load_prompts("shapes-train"), size, evaluation_generator(seed))
 
 
 EDITS = {"converse relation": conversed, "other colour": recoloured, "objects exchanged": exchanged}

@@ -23,6 +23,12 @@ from diffalign.sampling import initial_latents, sample
 _EVAL_SEED_OFFSET = 12_345  # keeps evaluation noise apart from the training streams
 
 
+def evaluation_generator(seed: int) -> torch.Generator:
+    """The generator the evaluator of a run with ``seed`` draws its prompts (one set after another,
+    in order) and then its initial latents from."""
+    return torch.Generator().manual_seed(seed + _EVAL_SEED_OFFSET)
+
+
 class Evaluator:
     """Scores fixed samples of several prompt sets with several rewards.
 
@@ -45,7 +51,7 @@ class Evaluator:
         grid_size: int,
         batch_size: int = 32,
     ):
-        generator = torch.Generator().manual_seed(seed + _EVAL_SEED_OFFSET)
+        generator = evaluation_generator(seed)
         self.prompts: dict[str, list[str]] = {}
         for spec in prompt_set_names:
             name = prompt_sets.display_name(spec)
