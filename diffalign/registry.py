@@ -226,3 +226,43 @@ COMMANDS: Registry[CommandGroup] = Registry("command")
 def register_command(name: str, module: str, *, help: str) -> CommandGroup:  # argparse's word
     """Add ``diffalign <name>`` to the command, configured by ``module.configure(parser)``."""
     return COMMANDS.add(name, CommandGroup(name, module, help))
+
+
+# --- preference data (offline methods: dpo; FiFA) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreferenceSetEntry:
+    """A preference data set known by name (``data: NAME``).
+
+    ``path(rebuild=False)`` returns the local file or folder that holds it, in one of the formats
+    ``diffalign.preferences.open_preferences`` reads, building it first when it is generated (as
+    ``shapes-prefs`` is, once, into the cache). ``models`` as for prompt sets: the model specs its
+    prompts are written for, or None.
+    """
+
+    name: str
+    path: Callable[..., Any]
+    models: tuple[str, ...] | None
+    world: str
+    description: str
+
+    def fits(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+PREFERENCE_SETS: Registry[PreferenceSetEntry] = Registry("preference set")
+
+
+def register_preference_set(
+    name: str,
+    path: Callable[..., Any],
+    *,
+    models: tuple[str, ...] | None = None,
+    world: str = "",
+    description: str = "",
+) -> PreferenceSetEntry:
+    """Make ``name`` a preference data set: ``path(rebuild=False)`` returns where it is on disk."""
+    return PREFERENCE_SETS.add(
+        name, PreferenceSetEntry(name, path, tuple(models) if models else None, world, description)
+    )
