@@ -295,6 +295,11 @@ class CommonConfig:
     )
     reward_options: dict = doc({}, "keyword options for the reward, e.g. {checkpoint: /path}")
     prompts: str = doc("shapes-train", "built-in prompt set name or a text file with one prompt per line")
+    data: str = doc(
+        "",
+        "preference data of offline methods (dpo): a registered set (shapes-prefs), a Pick-a-Pic v2 parquet file "
+        "or folder of shards, or a JSONL file of {prompt, chosen, rejected} image paths",
+    )
     epochs: int = doc(20, "number of epochs (one epoch = sample, reward, update)")
     seed: int = doc(0, "seed for weights init, prompt draws, noise and shuffles")
     output_dir: str = doc("runs/latest", "where metrics, sample grids, checkpoints and the final LoRA go")
@@ -583,8 +588,44 @@ def validate(config: TrainConfig) -> None:
             f"train.gradient_accumulation_steps ({config.train.gradient_accumulation_steps}), so that no "
             "half-accumulated gradient crosses an epoch (or a checkpoint)"
         )
+    _check_data(config, method)
     _check_needs(config, method)
     method.validate(config)
+
+
+def _check_data(config: TrainConfig, method: Any) -> None:
+    """Offline methods read ``data``, online ones sample their own images; the name or path must
+    exist (a registered set is built, if it is generated, only when training starts)."""
+    from diffalign import optim, registry
+
+    offline = [info.name for info in optim.available() if info.offline]
+    if not method.offline:
+        if config.data:
+            raise ConfigError(
+                f"data ({config.data!r}) is read by offline methods ({', '.join(offline)}); {method.name} samples "
+                "and rewards its own images: remove data, or set method=dpo"
+            )
+        return
+    if not config.data:
+        sets = registry.PREFERENCE_SETS.names()
+        raise ConfigError(
+            f"{method.name} learns from preference pairs: set data to a registered set "
+            f"({', '.join(sets) or 'none registered'}), a Pick-a-Pic parquet file or folder, or a JSONL file"
+        )
+    entry = registry.PREFERENCE_SETS.get(config.data)
+    if entry is not None:
+        if not entry.fits(config.model):
+            raise ConfigError(
+                f"data {config.data!r} holds {entry.world} pairs, written for the models "
+                f"{', '.join(entry.models or ())}, but model is {config.model!r}"
+            )
+        return
+    if not Path(config.data).expanduser().exists():
+        sets = registry.PREFERENCE_SETS.names()
+        raise ConfigError(
+            f"data {config.data!r} is neither a registered preference set "
+            f"({', '.join(sets) or 'none'}){registry.suggestion(config.data, sets)} nor an existing file or folder"
+        )
 
 
 def _check_needs(config: TrainConfig, method: Any) -> None:

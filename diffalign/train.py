@@ -44,10 +44,11 @@ class TrainResult:
     main_process: bool = True
     seconds: float | None = None  # wall-clock seconds of this invocation, evaluation included
 
-    def summary(self, reward: str) -> str:
+    def summary(self, reward: str | None) -> str:
         """Before -> after of every evaluated metric (the base model's record against the last
         evaluation), the time, and where the grids and curves are: what ``diffalign train`` prints
-        at the end. ``reward`` is the training reward's name, marked as such."""
+        at the end. ``reward`` is the training reward's name, marked as such (None for a method
+        that trains on preference data)."""
         evaluated = [record for record in self.history if any(key.startswith("eval/") for key in record)]
         lines = []
         if len(evaluated) >= 2 and evaluated[0].get("epoch") == 0:
@@ -311,7 +312,7 @@ class Trainer:
             eval_keys = sorted({key for record in self.history for key in record if key.startswith("eval/")})
             plots.save_curves(
                 self.history,
-                ["reward_mean", *eval_keys],
+                ["reward_mean", "implicit_accuracy", *eval_keys],
                 self.output / "reward_curve.png",
                 title=f"{config.method} on {config.model} — {config.reward}",
             )
@@ -338,7 +339,8 @@ def train(
     )
     for _ in bar:
         record = trainer.run_epoch()
-        bar.set_postfix(reward=f"{record['reward_mean']:.4g}", loss=f"{record['loss']:.3g}")
+        shown = {"reward": "reward_mean", "accuracy": "implicit_accuracy", "loss": "loss"}
+        bar.set_postfix({label: f"{record[key]:.4g}" for label, key in shown.items() if key in record})
     result = trainer.finish()
     result.seconds = time.perf_counter() - started
     return result

@@ -104,7 +104,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CommandError(text + kept(config.output_dir, error)) from error
     if not result.main_process:
         return 0
+    from diffalign import optim
+
     last = result.history[-1]
-    print(f"done: epoch {last.get('epoch', 0)}, last reward_mean {last.get('reward_mean', float('nan')):.4g}")
-    print(result.summary(config.reward))
+    key = "implicit_accuracy" if optim.get(config.method).offline else "reward_mean"
+    print(f"done: epoch {last.get('epoch', 0)}, last {key} {last.get(key, float('nan')):.4g}")
+    # An offline method trains on preference pairs: the configured reward is scored, not trained on.
+    print(result.summary(None if optim.get(config.method).offline else config.reward))
     return 0

@@ -59,6 +59,7 @@ class Method(Protocol):
     needs_stochastic_sampler: ClassVar[bool]  # trains on per-step log-probs: sample.eta must be > 0
     needs_lora: ClassVar[bool]  # switches the adapter off for its reference model: lora.enabled=true
     uses_stochastic_window: ClassVar[bool]  # honours sample.stochastic_steps
+    offline: ClassVar[bool]  # learns from preference data (config.data), not from rewarded rollouts
 
     def __init__(self, context: TrainContext, config: TrainConfig) -> None: ...
 
@@ -95,6 +96,7 @@ class MethodInfo:
     needs_stochastic_sampler: bool
     needs_lora: bool
     uses_stochastic_window: bool
+    offline: bool = False
 
     def validate(self, config: TrainConfig) -> None:
         check = getattr(self.cls, "validate", None)
@@ -130,6 +132,7 @@ def register(cls: type) -> type:
         needs_stochastic_sampler=getattr(cls, "needs_stochastic_sampler", False),
         needs_lora=getattr(cls, "needs_lora", False),
         uses_stochastic_window=getattr(cls, "uses_stochastic_window", False),
+        offline=getattr(cls, "offline", False),
     )
     return cls
 
