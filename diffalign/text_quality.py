@@ -15,8 +15,7 @@ Why a likelihood rather than the paper's rating: a rating needs an instruction-f
 rubric prompt whose exact wording we do not have offline, and its answer must be parsed; the
 likelihood needs any causal LM (a 0.5B model on a CPU), is deterministic, and ranks garbled,
 truncated and keyboard-mash prompts low, which is what the filter needs. It does not see harm:
-a fluent harmful prompt scores well (documented in ``docs``; use a rating scorer registered under
-another name for that).
+a fluent harmful prompt scores well; a rating scorer registered under another name can add that.
 """
 
 from __future__ import annotations
