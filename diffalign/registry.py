@@ -2,8 +2,9 @@
 
 Generic code never names a particular world. It looks names up here: built-in pipelines
 (``register_pipeline``), prompt sets (``register_prompt_set``, with the models they are meant
-for), TextNorm's contrast generators (``register_contrast``) and command groups of the
-``diffalign`` command (``register_command``). Rewards have their own registry,
+for), TextNorm's contrast generators (``register_contrast``), FiFA's text-quality scorers
+(``register_text_quality``) and per-data-set defaults (``register_filter_defaults``), and command
+groups of the ``diffalign`` command (``register_command``). Rewards have their own registry,
 ``diffalign.rewards.register``, which finds providers the same way.
 
 A *provider* is a module that registers things when it is imported, as ``diffalign.shapes``
@@ -266,3 +267,53 @@ def register_preference_set(
     return PREFERENCE_SETS.add(
         name, PreferenceSetEntry(name, path, tuple(models) if models else None, world, description)
     )
+
+
+# --- text quality and filter defaults (FiFA) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextQualityEntry:
+    """A prompt text-quality scorer known by name: ``make(**options)``, or ``make(path, **options)``
+    for one written ``name:PATH``. The scorer maps prompts to one score each, higher = better formed."""
+
+    name: str
+    make: Callable[..., Callable[[list[str]], Any]]
+    takes_path: bool
+    description: str
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:PATH" if self.takes_path else self.name
+
+
+TEXT_QUALITY: Registry[TextQualityEntry] = Registry("text-quality scorer")
+
+
+def register_text_quality(
+    name: str,
+    make: Callable[..., Callable[[list[str]], Any]],
+    *,
+    takes_path: bool = False,
+    description: str = "",
+) -> TextQualityEntry:
+    """Make ``name`` (or ``name:PATH``) a text-quality scorer for FiFA (``diffalign data filter``)."""
+    return TEXT_QUALITY.add(name, TextQualityEntry(name, make, takes_path, description))
+
+
+@dataclass(frozen=True)
+class FilterDefaults:
+    """What FiFA uses for a registered preference set when the user names nothing: the reward whose
+    margin scores its pairs and the text-quality scorer for its prompts (a world knows both)."""
+
+    preference_set: str
+    reward: str
+    text_quality: str
+
+
+FILTER_DEFAULTS: Registry[FilterDefaults] = Registry("filter defaults")
+
+
+def register_filter_defaults(preference_set: str, *, reward: str, text_quality: str) -> FilterDefaults:
+    """Make ``reward`` and ``text_quality`` FiFA's defaults for the preference set ``preference_set``."""
+    return FILTER_DEFAULTS.add(preference_set, FilterDefaults(preference_set, reward, text_quality))

@@ -56,6 +56,19 @@ class CandidateReward(Reward, Protocol):
         ...
 
 
+@runtime_checkable
+class TextEmbeddingReward(Reward, Protocol):
+    """A two-tower reward that can embed prompts on their own (optional).
+
+    FiFA measures the diversity of a set of prompts in the reward's own text-embedding space,
+    so that "near" means what the reward model thinks is near.
+    """
+
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm prompt embeddings ``[N, D]``, without a graph."""
+        ...
+
+
 class RewardError(DiffalignError, ValueError):
     """A reward was asked for by a wrong name, or returned something unusable."""
 

@@ -164,6 +164,11 @@ class OpenClipCosine(nn.Module):
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         return (self.encoder.embed_images(images) * self.encoder.embed_texts(prompts)).sum(dim=-1)
 
+    @torch.no_grad()
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit-norm prompt embeddings ``[B, D]`` (``TextEmbeddingReward``: FiFA's diversity term)."""
+        return self.encoder.embed_texts(list(prompts))
+
     def score_candidates(self, images: torch.Tensor, candidates: Sequence[Sequence[str]]) -> torch.Tensor:
         """``[B, K]`` cosines of each image with each of its K candidate prompts."""
         flat = candidate_rows(candidates, images.shape[0], self.name)

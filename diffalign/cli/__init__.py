@@ -8,6 +8,7 @@ can be done from Python with the function named in its help. One module per comm
 - ``rewards``: ``diffalign rewards``;
 - ``bench``: ``diffalign bench tia2 | shapes-tia | protection``;
 - ``protection``: ``diffalign protect``, ``edit`` and ``app``;
+- ``data``: ``diffalign data filter`` (FiFA);
 
 and the groups a world registers (``diffalign.registry.register_command``), such as ShapesWorld's
 ``diffalign shapes`` (``diffalign/shapes/cli.py``). Building the command tree imports none of
@@ -45,6 +46,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "web app: protect an image, download it, and compare edits of the original and the protected one",
     ),
     "rewards": ("rewards:configure", "list the registered rewards"),
+    "data": ("data:configure", "preference-data tools: filter (FiFA)"),
 }
 
 

@@ -93,6 +93,12 @@ registry.register_contrast(
     registry.lazy("diffalign.shapes.contrast:ShapesContrast"),
     description="exact, rule-based, for the ShapesWorld grammar",
 )
+registry.register_text_quality(
+    "shapes-grammar",
+    registry.lazy("diffalign.shapes.text_quality:GrammarQuality"),
+    description="1 for a prompt of the ShapesWorld grammar, else half the share of its words the grammar knows",
+)
+registry.register_filter_defaults("shapes-prefs", reward="shapes-clip", text_quality="shapes-grammar")
 registry.register_command(
     "shapes", "diffalign.shapes.cli", help="ShapesWorld: the embedded default world and its models"
 )

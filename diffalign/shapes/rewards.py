@@ -55,6 +55,10 @@ class ShapesClip(nn.Module):
             self._text_cache.update(zip(missing, embeds))
         return torch.stack([self._text_cache[p] for p in prompts])
 
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``text_embeddings`` under the name ``TextEmbeddingReward`` asks for (FiFA's diversity term)."""
+        return self.text_embeddings(prompts)
+
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings ``[B, D]``; differentiable with respect to ``images``."""
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
