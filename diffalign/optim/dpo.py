@@ -16,14 +16,18 @@ Conventions here, and why:
 - **β is the authors' code's**: the squared errors are means over latent dimensions (as every
   diffusers training script computes the denoising loss), T ω(λ_t) is folded into β, and the
   logit is −(β/2)·[…], as in the authors' released ``train.py`` (its ``--beta_dpo``). The paper's
-  β (eq. 14, with T ω(λ_t) written out) is therefore this β / 2. The authors' released commands
-  use β = 5000 for SD 1.5 and SDXL on Pick-a-Pic v2 (this convention; recalled from their
-  repository, which cannot be read offline here), with an effective batch of 2048 pairs.
+  β (eq. 14, with T ω(λ_t) written out) is therefore this β / 2. The authors' launchers
+  (SalesforceAIResearch/DiffusionDPO, ``launchers/sd15.sh`` and ``sdxl.sh``) use β = 5000 in
+  this convention for SD 1.5 and SDXL on Pick-a-Pic v2, with an effective batch of 2048 pairs,
+  learning rate 1e-8 × 2048 = 2.048e-5 (``--scale_lr``), 2000 steps, a constant schedule after a
+  linear warm-up (500 steps SD 1.5, 200 SDXL), a full fine-tune of the UNet in fp16.
 - **The reference is the UNet with its LoRA adapter switched off** (no second copy in memory,
   as for DPOK and GRPO); a full fine-tune (``lora.enabled=false``) keeps a frozen copy.
 - **Images are resized (shorter side) and centre-cropped** to the pipeline's resolution, and
-  **never flipped**: the authors' script can flip horizontally, which turns "a circle left of
-  a square" into its opposite. VAE latents are sampled from the encoder's distribution (as the
+  **never flipped**: the authors' script flips horizontally by default (``--no_hflip`` turns it
+  off), which turns "a circle left of a square" into its opposite.
+- **No learning-rate warm-up**: the loop's AdamW runs at a constant rate (the authors warm up
+  over 200–500 steps of their 2000). VAE latents are sampled from the encoder's distribution (as the
   authors' code does), with the epoch's generator, so a resumed run repeats the uninterrupted one.
 - The text encoder is frozen and the prompt is never dropped (no classifier-free-guidance
   dropout: the reference script's default).
@@ -71,7 +75,7 @@ class DPOSection:
     beta: float = doc(
         2000.0,
         "DPO inverse temperature in the authors' code convention (logit = -beta/2 x the error difference; the "
-        "paper's beta is half of it); the authors used 5000 for SD 1.5 and SDXL on Pick-a-Pic",
+        "paper's beta is half of it); the authors' SD 1.5 and SDXL runs on Pick-a-Pic used 5000",
     )
     pairs_per_epoch: int = doc(
         256,
