@@ -107,14 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fraction", type=float, default=0.1, help="FiFA's (and the random subset's) share")
     parser.add_argument("--steps", type=int, default=240, help="optimiser steps per run (every variant)")
-    parser.add_argument("--evaluations", type=int, default=4, help="evaluations along the run (plus the base)")
+    parser.add_argument(
+        "--evaluations", type=int, default=4, help="evaluations along the run (plus the base)"
+    )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="extra config override for every run"
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (torch threads = cores / jobs)")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 variants, 8 steps")
-    parser.add_argument("--output", default="results/fifa_dpo", help="folder for the JSON, figure and subsets")
+    parser.add_argument(
+        "--output", default="results/fifa_dpo", help="folder for the JSON, figure and subsets"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.variants, args.steps, args.evaluations = [0], ["all", "fifa"], 8, 2
@@ -192,15 +196,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(summary: dict, reference: float | None) -> str:
     """Final change since each seed's base (mean ± std over seeds) per variant, and the seconds."""
-    lines = [
+    header = (
         "| variant | pairs | train oracle | held-out oracle | shapes-clip (train) | train CPU s | FiFA CPU s "
-        "| pairs seen to match `all` |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        "| pairs seen to match `all` |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for variant, entry in summary["variants"].items():
         final = entry["final_change"]
 
-        def cell(key: str) -> str:
+        def cell(key: str, final: dict = final) -> str:
             return f"{final[key]['mean']:+.3f} ± {final[key]['std']:.3f}" if key in final else "–"
 
         fifa_seconds = entry.get("fifa_cpu_seconds")

@@ -64,7 +64,9 @@ def test_loss_matches_an_independent_computation():
     assert terms.logit.tolist() == pytest.approx(expected_logits, rel=1e-5)
     assert terms.loss.item() == pytest.approx(sum(expected_losses) / 3, rel=1e-5)
     metrics = terms.metrics()
-    assert metrics["implicit_accuracy"].item() == pytest.approx(2 / 3)  # pair 1: winner better, pair 2 worse...
+    assert metrics["implicit_accuracy"].item() == pytest.approx(
+        2 / 3
+    )  # pair 1: winner better, pair 2 worse...
     assert metrics["chosen_error_vs_ref"].item() == pytest.approx(((-0.02) + 0.02 + (-0.01)) / 3, abs=1e-7)
     assert metrics["rejected_error_vs_ref"].item() == pytest.approx((0.02 - 0.01 + 0.01) / 3, abs=1e-7)
     # The model equal to the reference: the loss is log 2 whatever the errors are.
