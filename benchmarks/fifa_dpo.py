@@ -54,26 +54,37 @@ FIFA_VARIANTS: dict[str, dict] = {
 VARIANTS = ["all", "fifa", "random", *[name for name in FIFA_VARIANTS if name != "fifa"]]
 
 
-def make_subsets(data: str, folder: Path, fraction: float, seeds: list[int], variants: list[str]) -> dict:
-    """Write each subset the variants train on; returns ``{variant: {seed or "any": path}}`` and reports."""
+def make_subsets(
+    data: str,
+    folder: Path,
+    fraction: float,
+    seeds: list[int],
+    variants: list[str],
+    *,
+    reward: str | None = None,
+    text_quality: str | None = None,
+) -> dict:
+    """Write each subset the variants train on; returns ``{variant: {seed or "any": path}}`` and
+    reports. ``reward`` and ``text_quality`` default to what the preference set registers."""
     from diffalign import fifa
     from diffalign.preferences import open_preferences, write_subset
 
     folder.mkdir(parents=True, exist_ok=True)
     preferences = open_preferences(data)
+    suffix = ".jsonl" if preferences.format == "jsonl" else ".parquet"  # subsets keep the input's format
     paths: dict[str, dict] = {"all": {"any": data}}
     reports: dict[str, dict] = {}
     for variant, changes in FIFA_VARIANTS.items():
         if variant not in variants:
             continue
-        output = folder / f"{variant}.parquet"
+        output = folder / f"{variant}{suffix}"
         report_dir = folder / f"{variant}-report"
         started = time.process_time()
         if output.is_file():  # made by an earlier, interrupted study: reuse (the selection is deterministic)
             summary = json.loads((report_dir / "report.json").read_text())
             seconds = summary.get("cpu_seconds")
         else:
-            config = fifa.FiFAConfig(fraction=fraction, **changes)
+            config = fifa.FiFAConfig(fraction=fraction, reward=reward, text_quality=text_quality, **changes)
             _, summary = fifa.filter_preferences(data, output, config, report_dir=report_dir, progress=False)
             seconds = time.process_time() - started
             summary["cpu_seconds"] = seconds
@@ -84,7 +95,7 @@ def make_subsets(data: str, folder: Path, fraction: float, seeds: list[int], var
         count = fifa.FiFAConfig(fraction=fraction).kept(len(preferences))
         paths["random"] = {}
         for seed in seeds:
-            output = folder / f"random-seed{seed}.parquet"
+            output = folder / f"random-seed{seed}{suffix}"
             if not output.is_file():
                 chosen = np.random.default_rng(seed).choice(len(preferences), size=count, replace=False)
                 write_subset(preferences, sorted(chosen.tolist()), output)
@@ -106,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fraction", type=float, default=0.1, help="FiFA's (and the random subset's) share")
+    parser.add_argument("--reward", help="FiFA's margin reward (default: the set's registered default)")
+    parser.add_argument("--text-quality", help="FiFA's text-quality scorer (default: the set's)")
     parser.add_argument("--steps", type=int, default=240, help="optimiser steps per run (every variant)")
     parser.add_argument(
         "--evaluations", type=int, default=4, help="evaluations along the run (plus the base)"
@@ -134,7 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     steps_per_epoch = args.steps // args.evaluations  # one epoch between evaluations
     data = str(args.data)
     started = time.perf_counter()
-    subsets = make_subsets(data, output / "subsets", args.fraction, args.seeds, args.variants)
+    subsets = make_subsets(
+        data,
+        output / "subsets",
+        args.fraction,
+        args.seeds,
+        args.variants,
+        reward=args.reward,
+        text_quality=args.text_quality,
+    )
     print(f"subsets ready in {time.perf_counter() - started:.0f} s ({subsets['pairs']} pairs in the set)")
 
     def overrides(variant: str, seed: int, folder: Path) -> list[str]:
