@@ -191,3 +191,23 @@ def test_config_rules_for_preference_data(tmp_path):
         _config(tmp_path, "x", "dpo.pairs_per_epoch=6")
     with pytest.raises(ConfigError, match="exploration"):
         _config(tmp_path, "y", "exploration=diffexp")
+
+
+def test_two_processes_train_on_their_own_pairs_and_write_one_run(tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU: each process draws its own pairs; one set of outputs."""
+    import subprocess
+    import sys
+
+    data = separable_pairs(tmp_path / "data")
+    out = tmp_path / "mp"
+    settings = [*TINY, f"data={data}", "epochs=1"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffalign.cli"]
+    command += ["train", "--no-progress", *[arg for item in settings for arg in ("--set", item)]]
+    command += ["--output-dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("done: epoch 1, last implicit_accuracy") == 1
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert lines[1]["samples"] == 2 * 8  # both processes' pairs are counted
+    assert "(scored, not trained on)" in result.stdout and "(training reward)" not in result.stdout
