@@ -575,6 +575,15 @@ def validate(config: TrainConfig) -> None:
             "eval.prompt_sets=[] (evaluates the training prompts) or name prompt sets for your model, and "
             "eval.rewards=[] unless you have an extra reward to watch"
         )
+    if not method.offline:  # an offline method's epoch is its own (dpo.pairs_per_epoch), checked by it
+        _check_sampled_epoch(config)
+    _check_data(config, method)
+    _check_needs(config, method)
+    method.validate(config)
+
+
+def _check_sampled_epoch(config: TrainConfig) -> None:
+    """An online epoch's samples split into whole micro-batches and whole accumulated steps."""
     per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
     if per_epoch % config.train.batch_size:
         raise ConfigError(
@@ -588,9 +597,6 @@ def validate(config: TrainConfig) -> None:
             f"train.gradient_accumulation_steps ({config.train.gradient_accumulation_steps}), so that no "
             "half-accumulated gradient crosses an epoch (or a checkpoint)"
         )
-    _check_data(config, method)
-    _check_needs(config, method)
-    method.validate(config)
 
 
 def _check_data(config: TrainConfig, method: Any) -> None:

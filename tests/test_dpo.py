@@ -191,6 +191,9 @@ def test_config_rules_for_preference_data(tmp_path):
         _config(tmp_path, "x", "dpo.pairs_per_epoch=6")
     with pytest.raises(ConfigError, match="exploration"):
         _config(tmp_path, "y", "exploration=diffexp")
+    # The online sampling epoch (sample.*) does not constrain an offline method's accumulation.
+    config = _config(tmp_path, "z", "train.gradient_accumulation_steps=64", "dpo.pairs_per_epoch=512")
+    assert config.train.gradient_accumulation_steps == 64
 
 
 def test_two_processes_train_on_their_own_pairs_and_write_one_run(tmp_path):
