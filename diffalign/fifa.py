@@ -87,6 +87,8 @@ class FiFAConfig:
     reward: str | None = None
     """Registered reward whose margin scores each pair (None: the preference set's registered default,
     else ``pickscore``, the paper's); its text tower also embeds prompts for the diversity term."""
+    reward_options: dict = field(default_factory=dict)
+    """Keyword options for the reward, e.g. ``{"checkpoint": "/models/PickScore_v1"}`` (a local folder)."""
     text_quality: str | None = None
     """Registered text-quality scorer (``lm:PATH``, ``shapes-grammar``; None: the preference set's
     registered default). Needed unless ``alpha`` is 0."""
@@ -358,7 +360,7 @@ def select(
             )
         # Only a non-default device is passed on: rewards without models (jpeg-*) take no options.
         options = {"device": config.device} if config.device != "cpu" else {}
-        reward = rewards.build(config.reward, **options)
+        reward = rewards.build(config.reward, **options, **config.reward_options)
     prompts = data.prompts()
     margins, extras = reward_margins(data, reward, batch_size=config.batch_size, progress=progress)
     quality = np.full(total, np.nan)

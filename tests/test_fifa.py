@@ -386,3 +386,28 @@ def test_cli_filters_a_jsonl_file_end_to_end(tmp_path, capsys):
     assert len(kept) == 6 and not set(kept.prompts()) & set(BROKEN)
     assert {p.name for p in (tmp_path / "r").iterdir()} == set(fifa.REPORT_FILES)
     assert main(argv) == 2  # the output exists: refused, nothing rewritten
+
+
+def test_cli_passes_reward_options_to_the_reward(tmp_path, capsys):
+    """``--reward-option`` reaches ``rewards.build``: PickScore from a given checkpoint (the tiny
+    random one), and a wrong option is one clear error line."""
+    from diffalign.cli import main
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for index, prompt in enumerate(GOOD[:4]):
+        Image.fromarray(render_scene(prompt, rng)).save(tmp_path / f"{index}.png")
+        lines.append(json.dumps({"prompt": prompt, "chosen": f"{index}.png", "rejected": "0.png"}))
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+    argv = ["data", "filter", str(tmp_path / "data.jsonl"), "--count", "2", "--alpha", "0", "--k", "1"]
+    argv += ["--reward", "pickscore", "--reward-option", "checkpoint=tiny-random"]
+    assert main([*argv, "--output", str(tmp_path / "kept.jsonl")]) == 0
+    assert len(preferences.open_preferences(tmp_path / "kept.jsonl")) == 2
+    assert main([*argv, "--reward-option", "nonsense=1", "--output", str(tmp_path / "other.jsonl")]) == 2
+    assert not (tmp_path / "other.jsonl").exists()
+
+
+def render_scene(prompt, rng):
+    from diffalign.shapes import render, scene_for
+
+    return render(scene_for(prompt, rng))

@@ -23,6 +23,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--reward", help="reward for the margins (default: the set's registered default, else pickscore)"
     )
     sub.add_argument(
+        "--reward-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="reward option, e.g. checkpoint=/models/PickScore_v1 (repeatable)",
+    )
+    sub.add_argument(
         "--text-quality", help="text-quality scorer: lm:PATH, or a registered one (shapes-grammar)"
     )
     sub.add_argument("--alpha", type=float, default=1.0, help="weight of text quality (default 1; 0: off)")
@@ -42,11 +48,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     from diffalign import fifa
+    from diffalign.cli.args import parse_options
 
     config = fifa.FiFAConfig(
         fraction=args.fraction,
         count=args.count,
         reward=args.reward,
+        reward_options=parse_options(args.reward_option),
         text_quality=args.text_quality,
         alpha=args.alpha,
         gamma=args.gamma,
