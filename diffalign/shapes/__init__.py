@@ -11,13 +11,15 @@ well a generated image matches its prompt.
 - ``models`` / ``assets``: the small models' architectures and the shipped weights.
 - ``rewards``: ``shapes-clip``, ``shapes-negclip`` (learned proxies) and ``shapes-oracle`` (exact).
 - ``contrast``: TextNorm's ``shapes`` contrast generator, exact for the grammar.
-- ``cli``: the ``diffalign shapes`` commands that retrain the shipped models.
+- ``prefs``: ``shapes-prefs``, a preference data set (Pick-a-Pic's format) with its ground truth.
+- ``cli``: the ``diffalign shapes`` commands that retrain the shipped models and build ``shapes-prefs``.
 
 Importing this package makes the world known to generic code, which never names it: the
 pipelines ``shapes`` and ``shapes-inpaint``, the prompt sets ``shapes-*`` (written for the
-``shapes`` model, and ``tiny-random`` for tests), the three rewards, the contrast generator and
-the ``shapes`` command. Registration imports nothing heavy; the names below (``parse``,
-``detect``, ...) are imported from their modules on first use.
+``shapes`` model, and ``tiny-random`` for tests), the three rewards, the contrast generator, the
+preference set ``shapes-prefs`` (generated into the cache on first use) and the ``shapes``
+command. Registration imports nothing heavy; the names below (``parse``, ``detect``, ...) are
+imported from their modules on first use.
 """
 
 from __future__ import annotations
@@ -99,6 +101,14 @@ registry.register_text_quality(
     description="1 for a prompt of the ShapesWorld grammar, else half the share of its words the grammar knows",
 )
 registry.register_filter_defaults("shapes-prefs", reward="shapes-clip", text_quality="shapes-grammar")
+registry.register_preference_set(
+    "shapes-prefs",
+    registry.lazy("diffalign.shapes.prefs:cached_path"),
+    models=MODELS,
+    world="ShapesWorld",
+    description="2400 simulated-annotator pairs of the shipped model's images, with ties, label noise, "
+    "near-duplicate and broken prompts, and the oracle's ground truth (built once into the cache)",
+)
 registry.register_command(
     "shapes", "diffalign.shapes.cli", help="ShapesWorld: the embedded default world and its models"
 )

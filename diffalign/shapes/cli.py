@@ -1,4 +1,5 @@
-"""``diffalign shapes``: retrain ShapesWorld's shipped models (registered by ``diffalign.shapes``).
+"""``diffalign shapes``: retrain ShapesWorld's shipped models and build its preference set
+(registered by ``diffalign.shapes``).
 
 Each subcommand's arguments come from its recipe's config dataclass and are added, with the
 recipe's module, only when the subcommand is used.
@@ -29,6 +30,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "train-negclip",
         help="fine-tune the shipped ShapesWorld CLIP with hard negatives (the reward shapes-negclip)",
         configure=configure_train_negclip,
+    )
+    actions.add_parser(
+        "prefs",
+        help="build (once, into the cache) or show the preference set shapes-prefs and its figures",
+        configure=configure_prefs,
     )
 
 
@@ -92,6 +98,46 @@ def configure_train_negclip(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as shipped)")
     add_dataclass_arguments(parser, NegClipConfig)
     parser.set_defaults(handler=train_negclip)
+
+
+def configure_prefs(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Generates shapes-prefs (Pick-a-Pic-format parquet shards of simulated-annotator pairs of the "
+        "shipped model's images, with the oracle's ground truth) into the cache, or into --output, unless "
+        "it is there already; then prints where it is and its figures. "
+        "Python: diffalign.shapes.prefs.cached_path() or build(folder, pairs=N)."
+    )
+    parser.add_argument("--rebuild", action="store_true", help="generate it again even if it exists")
+    parser.add_argument(
+        "--output", "-o", help="a folder of your own instead of the cache (which `data: shapes-prefs` reads)"
+    )
+    parser.add_argument(
+        "--pairs", type=int, help="pairs to generate (with --output; the cached set has the default 2400)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the whole recipe (with --output)")
+    parser.set_defaults(handler=prefs)
+
+
+def prefs(args: argparse.Namespace) -> int:
+    from diffalign.shapes import prefs
+
+    if args.output is None:
+        if args.pairs is not None or args.seed != 0:
+            raise SystemExit(
+                "diffalign shapes prefs: --pairs and --seed change the recipe, so they need --output DIR; "
+                "the cached set (what `data: shapes-prefs` reads) always has the default recipe"
+            )
+        folder = prefs.cached_path(rebuild=args.rebuild)
+    else:
+        folder = Path(args.output)
+        if args.rebuild or not (folder / "recipe.json").is_file():
+            pairs = prefs.DEFAULT_PAIRS if args.pairs is None else args.pairs
+            print(f"generating {pairs} preference pairs into {folder}", flush=True)
+            prefs.build(folder, pairs=pairs, seed=args.seed, replace=args.rebuild)
+    report = prefs.read_recipe(folder)
+    print(f"{report['name']} at {folder}")
+    print(prefs.describe(report["figures"]))
+    return 0
 
 
 def train(args: argparse.Namespace) -> int:
