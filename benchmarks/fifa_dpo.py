@@ -100,7 +100,41 @@ def make_subsets(
                 chosen = np.random.default_rng(seed).choice(len(preferences), size=count, replace=False)
                 write_subset(preferences, sorted(chosen.tolist()), output)
             paths["random"][seed] = str(output)
-    return {"paths": paths, "reports": reports, "pairs": len(preferences), "ties": preferences.stats.ties}
+    # Per variant (the first seed's draw for the random subset): what its labels are worth.
+    truth = {variant: composition(next(iter(by_seed.values()))) for variant, by_seed in paths.items()}
+    return {
+        "paths": paths,
+        "reports": reports,
+        "composition": truth,
+        "pairs": len(preferences),
+        "ties": preferences.stats.ties,
+    }
+
+
+BROKEN = ("truncated", "ungrammatical", "off-grammar")
+
+
+def composition(spec: str) -> dict | None:
+    """What a data set's labels are worth by the ground truth its pairs carry (``shapes-prefs``'s
+    columns): shares of broken prompts, and of well-formed pairs whose chosen image is better,
+    equal or worse by the oracle, and of flipped labels. None when the pairs carry no truth."""
+    from diffalign.preferences import open_preferences
+
+    data = open_preferences(spec)
+    counts = {"broken": 0, "better": 0, "equal": 0, "worse": 0, "flipped": 0}
+    for start in range(0, len(data), 256):
+        for pair in data.pairs(range(start, min(start + 256, len(data)))):
+            extra = pair.extra
+            if "prompt_kind" not in extra or "chosen_side" not in extra:
+                return None
+            counts["flipped"] += bool(extra.get("label_flipped"))
+            if extra["prompt_kind"] in BROKEN:
+                counts["broken"] += 1
+                continue
+            side = extra["chosen_side"]
+            chosen, rejected = extra[f"oracle_{side}"], extra[f"oracle_{1 - side}"]
+            counts["better" if chosen > rejected else "worse" if chosen < rejected else "equal"] += 1
+    return {"pairs": len(data), **{key: value / len(data) for key, value in counts.items()}}
 
 
 def steps_to_match(run_changes: list[float], pairs_seen: list[int], target: float) -> int | None:
@@ -199,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {**vars(args), "steps_per_evaluation": steps_per_epoch, "pairs_per_step": batch},
         "data": {"pairs": subsets["pairs"], "ties_dropped": subsets["ties"]},
         "subsets": subsets["reports"],
+        "composition": subsets["composition"],
         "execution": execution,
         "summary": summary,
         "runs": runs,
@@ -211,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Diffusion-DPO on {args.data}: {len(args.seeds)} seeds, {args.steps} steps of {batch} pairs",
     )
     print(table(summary, reference))
+    print(composition_table(subsets["composition"]))
     print(f"wrote {output / 'fifa_dpo.json'} and {output / 'fifa_dpo.png'}")
     return 0
 
@@ -236,6 +272,20 @@ def table(summary: dict, reference: float | None) -> str:
             f"{'–' if fifa_seconds is None else f'{fifa_seconds:.0f}'} | "
             f"{', '.join('never' if m is None else str(m) for m in matched) if reference is not None else '–'} |"
         )
+    return "\n".join(lines)
+
+
+def composition_table(truth: dict) -> str:
+    """Shares of each training set's pairs by what the oracle says of their labels."""
+    lines = [
+        "| data | pairs | chosen better | equal | chosen worse | broken prompt | label flipped |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for variant, entry in truth.items():
+        if entry is None:
+            continue
+        shares = " | ".join(f"{entry[key]:.1%}" for key in ("better", "equal", "worse", "broken", "flipped"))
+        lines.append(f"| {variant} | {entry['pairs']} | {shares} |")
     return "\n".join(lines)
 
 
