@@ -656,7 +656,9 @@ def _check_needs(config: TrainConfig, method: Any) -> None:
     if method.needs_differentiable_reward and not rewards.info(config.reward).differentiable:
         usable = [entry.name for entry in rewards.available() if entry.differentiable]
         any_reward = " or ".join(
-            f"method={info.name}" for info in optim.available() if not info.needs_differentiable_reward
+            f"method={info.name}"
+            for info in optim.available()
+            if not info.needs_differentiable_reward and not info.offline
         )
         raise ConfigError(
             f"{method.name} backpropagates through the reward, but {config.reward!r} is not differentiable. "

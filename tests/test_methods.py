@@ -17,7 +17,8 @@ from diffalign.config import ConfigError, load_config
 
 
 def test_the_shipped_methods_are_registered_with_their_sections_and_presets():
-    assert set(optim.names()) == {"ddpo", "grpo", "dpok", "alignprop", "refl"}
+    assert set(optim.names()) == {"ddpo", "grpo", "dpok", "alignprop", "refl", "dpo"}
+    assert [info.name for info in optim.available() if info.offline] == ["dpo"]
     config = load_config(None, [*TINY])
     for info in optim.available():
         assert info.description and info.cls.name == info.name
@@ -34,6 +35,7 @@ def test_the_shipped_methods_are_registered_with_their_sections_and_presets():
         "dpok": (False, True, True),
         "alignprop": (True, False, False),
         "refl": (True, False, False),
+        "dpo": (False, False, False),  # learns from preference pairs; its reference is the adapter off or a copy
     }
 
 
