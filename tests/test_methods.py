@@ -35,7 +35,7 @@ def test_the_shipped_methods_are_registered_with_their_sections_and_presets():
         "dpok": (False, True, True),
         "alignprop": (True, False, False),
         "refl": (True, False, False),
-        "dpo": (False, False, False),  # learns from preference pairs; its reference is the adapter off or a copy
+        "dpo": (False, False, False),  # learns from preference pairs (its reference: the adapter off)
     }
 
 
