@@ -317,3 +317,36 @@ FILTER_DEFAULTS: Registry[FilterDefaults] = Registry("filter defaults")
 def register_filter_defaults(preference_set: str, *, reward: str, text_quality: str) -> FilterDefaults:
     """Make ``reward`` and ``text_quality`` FiFA's defaults for the preference set ``preference_set``."""
     return FILTER_DEFAULTS.add(preference_set, FilterDefaults(preference_set, reward, text_quality))
+
+
+# --- Detect-and-Compare scorers (MuDI) ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DnCScorerEntry:
+    """A D&C scorer known by name (``diffalign bench dnc --scorer NAME``): ``make(**options)`` returns a
+    ``diffalign.dnc.DnCScorer``. ``world`` names the world whose images it can read ("" for any image)."""
+
+    name: str
+    make: Callable[..., Any]
+    world: str
+    description: str
+
+
+DNC_SCORERS: Registry[DnCScorerEntry] = Registry("D&C scorer")
+
+
+def register_dnc_scorer(
+    name: str, make: Callable[..., Any], *, world: str = "", description: str = ""
+) -> DnCScorerEntry:
+    """Make ``name`` a Detect-and-Compare scorer: ``make(**options)`` builds it, importing what it needs."""
+    return DNC_SCORERS.add(name, DnCScorerEntry(name, make, world, description))
+
+
+# The generic scorer, for photographs of any subjects: registered here rather than by a provider
+# because it names no world, and lazily so that listing scorers imports neither torch nor transformers.
+register_dnc_scorer(
+    "owlv2-dinov2",
+    lazy("diffalign.dnc:OwlDinoDnC"),
+    description="OWLv2 detects the subjects' class words, DINOv2 (CLS, cosine) compares crops with references",
+)

@@ -31,6 +31,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="DiffusionGuard, PhotoGuard and AdvDM against ShapesWorld inpainting edits, scored by the oracle",
         configure=configure_protection,
     )
+    actions.add_parser(
+        "dnc",
+        help="Detect-and-Compare (MuDI, Jang et al. 2024): are all subjects in each image, each once, unmixed?",
+        configure=configure_dnc,
+    )
 
 
 def configure_tia2(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +124,93 @@ def configure_protection(parser: argparse.ArgumentParser) -> None:
     )
     protection.add_arguments(parser)
     parser.set_defaults(handler=cmd_protection)
+
+
+def configure_dnc(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Detects the subjects' classes in each generated image, compares every detection with every "
+        "subject's references, and scores the detection-vs-subject similarity matrix against the "
+        "reference-vs-reference one (1 - their Frobenius distance; 0 when the number of detections is not "
+        "the number of subjects). Writes dnc.json (summary and one row per image) and dnc.csv. "
+        "Python: diffalign.dnc.evaluate_folder(images_dir, subjects, diffalign.dnc.build(scorer), output)."
+    )
+    parser.add_argument("images", metavar="IMAGES_DIR", help="folder of generated images")
+    parser.add_argument(
+        "--subject",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("ID", "CLASS", "FOLDER"),
+        help="a subject: its identifier, class word (what the detector looks for) and a folder of its "
+        "reference images (NAME.mask.png masks beside them are ignored); repeat once per subject",
+    )
+    parser.add_argument(
+        "--scorer",
+        default="owlv2-dinov2",
+        help="registered D&C scorer: owlv2-dinov2 (photographs) or a world's own, e.g. shapes-exact "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="scorer option, e.g. checkpoint=tiny-random, detector=/path/to/owlv2, threshold=0.3; repeatable",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per scorer call")
+    parser.add_argument(
+        "--output",
+        "-o",
+        default="results/dnc",
+        help="folder for dnc.json and dnc.csv (default: %(default)s, under the current folder)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace dnc.json and dnc.csv if they exist")
+    parser.set_defaults(handler=cmd_dnc)
+
+
+def _subjects_from_folders(specs: list[list[str]]) -> list:
+    """The subjects named on the command line, read from their folders.
+
+    Deliberately small: ``diffalign.subjects.load_subjects`` (with its validation) replaces this
+    once it lands. Reads every image in the folder except ``*.mask.png``, as RGB.
+    """
+    from diffalign import images
+    from diffalign.subjects import Subject, SubjectError, SubjectImages
+
+    identifiers = [identifier for identifier, _, _ in specs]
+    if len(set(identifiers)) != len(identifiers):
+        raise SubjectError(f"each --subject needs its own identifier, got {', '.join(identifiers)}")
+    subjects = []
+    for identifier, class_word, folder in specs:
+        paths = [path for path in images.list_images(folder) if not path.name.lower().endswith(".mask.png")]
+        if not paths:
+            raise SubjectError(
+                f"subject {identifier} {class_word}: {folder!r} holds no reference images (PNG, JPEG, ...)"
+            )
+        pictures = [images.on_white(images.open_image(path, role="reference image")) for path in paths]
+        subject = Subject(identifier, class_word, Path(folder))
+        subjects.append(SubjectImages(subject, pictures, [None] * len(pictures)))
+    return subjects
+
+
+def cmd_dnc(args: argparse.Namespace) -> int:
+    from diffalign import dnc
+
+    dnc.check_folder(args.images, args.output, overwrite=args.overwrite)  # before minutes of model loading
+    subjects = _subjects_from_folders(args.subject)
+    options = parse_options(args.option)
+    scorer = dnc.build(args.scorer, **options)
+    report = dnc.evaluate_folder(
+        args.images,
+        subjects,
+        scorer,
+        args.output,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        settings={"options": options, "images": str(args.images)},
+    )
+    print(dnc.format_summary(report))
+    print(f"wrote dnc.json and dnc.csv to {args.output}")
+    return 0
 
 
 def cmd_tia2(args: argparse.Namespace) -> int:
