@@ -126,6 +126,15 @@ def check_new_run_folder(folder: str | Path) -> Path:
     return folder
 
 
+def cache_root() -> Path:
+    """diffalign's cache folder, for what it generates once and reuses (preference sets, class
+    images): ``$DIFFALIGN_CACHE``, else ``$XDG_CACHE_HOME/diffalign``, else ``~/.cache/diffalign``."""
+    if os.environ.get("DIFFALIGN_CACHE"):
+        return Path(os.environ["DIFFALIGN_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "diffalign"
+
+
 @contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` atomically,

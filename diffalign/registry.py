@@ -4,7 +4,8 @@ Generic code never names a particular world. It looks names up here: built-in pi
 (``register_pipeline``), prompt sets (``register_prompt_set``, with the models they are meant
 for), TextNorm's contrast generators (``register_contrast``), FiFA's text-quality scorers
 (``register_text_quality``) and per-data-set defaults (``register_filter_defaults``), and command
-groups of the ``diffalign`` command (``register_command``). Rewards have their own registry,
+groups of the ``diffalign`` command (``register_command``), and subjects to personalise on
+(``register_subject_set``). Rewards have their own registry,
 ``diffalign.rewards.register``, which finds providers the same way.
 
 A *provider* is a module that registers things when it is imported, as ``diffalign.shapes``
@@ -350,3 +351,44 @@ register_dnc_scorer(
     lazy("diffalign.dnc:OwlDinoDnC"),
     description="OWLv2 detects the subjects' class words, DINOv2 (CLS, cosine) compares crops with references",
 )
+
+
+# --- subject sets (personalisation: diffalign personalize --subjects NAME) ----------------------
+
+
+@dataclass(frozen=True)
+class SubjectSetEntry:
+    """Subjects to personalise on, known by name (``subject_set: NAME``).
+
+    ``make_folders(root)`` writes one folder of images (and ``NAME.mask.png`` masks) per subject
+    under ``root`` and returns ``[(identifier, class_word, folder), ...]``, folders inside
+    ``root``; ``diffalign.personalize`` calls it once per name and keeps the result in the cache.
+    ``models`` as for prompt sets: the model specs that can draw these subjects' classes, or None.
+    With no subjects given, ``diffalign personalize`` uses the first set that names the model.
+    """
+
+    name: str
+    make_folders: Callable[[Any], list[tuple[str, str, Any]]]
+    models: tuple[str, ...] | None
+    world: str
+    description: str
+
+    def fits(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+SUBJECT_SETS: Registry[SubjectSetEntry] = Registry("subject set")
+
+
+def register_subject_set(
+    name: str,
+    make_folders: Callable[[Any], list[tuple[str, str, Any]]],
+    *,
+    models: tuple[str, ...] | None = None,
+    world: str = "",
+    description: str = "",
+) -> SubjectSetEntry:
+    """Make ``name`` a subject set: ``make_folders(root)`` writes its subject folders under ``root``."""
+    return SUBJECT_SETS.add(
+        name, SubjectSetEntry(name, make_folders, tuple(models) if models else None, world, description)
+    )

@@ -4,6 +4,7 @@ Each subcommand parses its arguments and makes one call into the library; anythi
 can be done from Python with the function named in its help. One module per command group:
 
 - ``train``: ``diffalign train``;
+- ``personalize``: ``diffalign personalize``;
 - ``images``: ``diffalign sample`` and ``diffalign score``;
 - ``rewards``: ``diffalign rewards``;
 - ``bench``: ``diffalign bench tia2 | shapes-tia | protection``;
@@ -30,6 +31,10 @@ from diffalign.errors import DiffalignError, describe_os_error
 # World groups (``diffalign.registry.COMMANDS``) are listed after ``score``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train:configure", "fine-tune a pipeline's UNet (LoRA) to maximise a reward"),
+    "personalize": (
+        "personalize:configure",
+        "personalise a pipeline on a few subjects' images (DreamBooth-LoRA, MuDI's Seg-Mix)",
+    ),
     "sample": ("images:configure_sample", "generate images from a pipeline (+ LoRA)"),
     "score": ("images:configure_score", "score a folder of images, or generations from a prompt file"),
     "bench": ("bench:configure", "benchmarks of rewards and models"),

@@ -145,6 +145,18 @@ def pixels(image: Image.Image, resolution: int) -> torch.Tensor:
     return array.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def encode_images(
+    pipe, images: list[Image.Image], resolution: int, generator: torch.Generator
+) -> torch.Tensor:
+    """VAE latents ``[B, C, h, w]`` of ``images`` (``pixels`` at ``resolution``), sampled from the
+    encoder's distribution with ``generator`` (so a resumed run draws what the uninterrupted one did)."""
+    batch = torch.stack([pixels(image, resolution) for image in images])
+    batch = batch.to(pipe.vae.device, pipe.vae.dtype)
+    with torch.no_grad():
+        posterior = pipe.vae.encode(batch).latent_dist
+        return posterior.sample(generator=generator) * pipe.vae.config.scaling_factor
+
+
 def epoch_order(size: int, count: int, generator: torch.Generator) -> torch.Tensor:
     """``count`` indices into ``size`` pairs: one shuffled pass after another, so no pair repeats
     before every pair has been drawn once."""
@@ -194,12 +206,7 @@ class DPO:
 
     def latents(self, images: list[Image.Image], generator: torch.Generator) -> torch.Tensor:
         """VAE latents ``[B, C, h, w]`` of ``images``, sampled from the encoder's distribution."""
-        pipe = self.context.pipe
-        batch = torch.stack([pixels(image, self.resolution) for image in images])
-        batch = batch.to(pipe.vae.device, pipe.vae.dtype)
-        with torch.no_grad():
-            posterior = pipe.vae.encode(batch).latent_dist
-            return posterior.sample(generator=generator) * pipe.vae.config.scaling_factor
+        return encode_images(self.context.pipe, images, self.resolution, generator)
 
     def terms(self, pairs: list[PreferencePair], generator: torch.Generator) -> DPOTerms:
         """The DPO loss of ``pairs`` under the current weights (with gradient)."""

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from io import BytesIO
@@ -122,12 +121,8 @@ class _Annotator:
 
 
 def cache_root() -> Path:
-    """diffalign's cache folder: ``$DIFFALIGN_CACHE``, else ``$XDG_CACHE_HOME/diffalign``, else
-    ``~/.cache/diffalign``."""
-    if os.environ.get("DIFFALIGN_CACHE"):
-        return Path(os.environ["DIFFALIGN_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "diffalign"
+    """diffalign's cache folder (``diffalign.outputs.cache_root``)."""
+    return outputs.cache_root()
 
 
 def cached_path(rebuild: bool = False) -> Path:

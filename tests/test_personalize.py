@@ -1,0 +1,253 @@
+"""Personalisation (DreamBooth-LoRA, diffalign.personalize) on tiny-random: bad input refused before
+anything is written, outputs of a short run, learning, the class-image cache, exact resumption."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffalign import sampling
+from diffalign.config import ConfigError
+from diffalign.errors import DiffalignError
+from diffalign.personalize import Example, Personalizer, load_personalize_config, personalize
+from diffalign.subjects import SubjectError, load_subjects
+
+TINY = [
+    "model=tiny-random",
+    "steps=2",
+    "save_every=2",
+    "eval.every=2",
+    "eval.num_steps=2",
+    "eval.images_per_prompt=1",
+    "prior.class_images=2",
+    "prior.num_steps=2",
+    "learning_rate=1e-2",
+]
+
+
+def _write_subject(folder, colour, count=2, size=(40, 40), mask=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        array = np.full((size[1], size[0], 3), 255, np.uint8)
+        array[8:30, 4 + 3 * index : 24 + 3 * index] = colour
+        Image.fromarray(array).save(folder / f"{index}.png")
+        if mask:
+            Image.fromarray(((array != 255).any(-1) * 255).astype(np.uint8)).save(
+                folder / f"{index}.mask.png"
+            )
+    return folder
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("DIFFALIGN_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture()
+def folders(tmp_path):
+    return {
+        "toy": _write_subject(tmp_path / "toy", (200, 30, 30)),
+        "dog": _write_subject(tmp_path / "dog", (30, 30, 200)),
+    }
+
+
+def _subjects(*items):
+    return "subjects=" + json.dumps(
+        [{"identifier": i, "class_word": c, "folder": str(f)} for i, c, f in items]
+    )
+
+
+def _config(tmp_path, name, subjects, *extra):
+    return load_personalize_config(None, [*TINY, subjects, f"output_dir={tmp_path / name}", *extra])
+
+
+def _refused(tmp_path, cache, subjects, *extra):
+    """The error of a run that must be refused before training, having written nothing."""
+    with pytest.raises(DiffalignError) as caught:
+        personalize(_config(tmp_path, "run", subjects, *extra), progress=False)
+    assert not (tmp_path / "run").exists()
+    assert not cache.exists()
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_empty_folder_is_refused(tmp_path, cache, folders):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    message = _refused(tmp_path, cache, _subjects(("olis", "toy", empty)))
+    assert "holds no images" in message and str(empty) in message
+
+
+def test_unreadable_image_is_named(tmp_path, cache, folders):
+    (folders["toy"] / "broken.png").write_bytes(b"\x89PNG not really")
+    message = _refused(tmp_path, cache, _subjects(("olis", "toy", folders["toy"])))
+    assert "broken.png" in message and "cannot read image" in message
+
+
+def test_mask_of_another_size_names_both_sizes(tmp_path, cache, folders):
+    Image.new("L", (20, 30), 255).save(folders["toy"] / "0.mask.png")
+    message = _refused(tmp_path, cache, _subjects(("olis", "toy", folders["toy"])))
+    assert "0.mask.png" in message and "20x30" in message and "40x40" in message
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        ((("photo", "toy"),), "common English word"),
+        ((("olis", "toy"), ("toy", "dog")), "class word"),
+        ((("olis", "toy"), ("olis", "dog")), "given to two subjects"),
+        ((("olis toy", "toy"),), "one word"),
+    ],
+)
+def test_colliding_identifiers_are_refused(tmp_path, cache, folders, items, expected):
+    subjects = _subjects(*[(ident, cls, folders[cls]) for ident, cls in items])
+    with pytest.raises(ConfigError, match=expected):
+        _config(tmp_path, "run", subjects)
+    # The same check runs on the Python API's subject loader.
+    with pytest.raises(SubjectError, match=expected):
+        load_subjects([(ident, cls, folders[cls]) for ident, cls in items])
+
+
+def test_world_vocabulary_is_reserved(folders):
+    with pytest.raises(SubjectError, match="word of the model's prompts"):
+        load_subjects([("zorp", "toy", folders["toy"])], reserved={"zorp"})
+
+
+def test_composing_mode_needs_every_subject_in_each_prompt(tmp_path, cache, folders):
+    subjects = _subjects(("olis", "toy", folders["toy"]), ("hta", "dog", folders["dog"]))
+    with pytest.raises(ConfigError, match=r"names 1 of the 2 subjects \(missing 'hta dog'\)"):
+        _config(tmp_path, "run", subjects, "mode=cutmix", "eval.prompts=['olis toy on a beach']")
+    with pytest.raises(ConfigError, match="at least two"):
+        _config(tmp_path, "run", _subjects(("olis", "toy", folders["toy"])), "mode=segmix")
+    # In dreambooth mode a grid prompt may name one subject, or none.
+    _config(tmp_path, "run", subjects, "eval.prompts=['olis toy on a beach', 'a photo of a dog']")
+
+
+def test_segmix_without_masks_is_refused(tmp_path, cache, folders, monkeypatch):
+    subjects = _subjects(("olis", "toy", folders["toy"]), ("hta", "dog", folders["dog"]))
+    message = _refused(tmp_path, cache, subjects, "mode=segmix")
+    assert "no mask" in message and "olis toy" in message
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, cache, folders, capsys):
+    from diffalign.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(["personalize", "--subject", "olis", "toy", str(empty), "--output-dir", str(tmp_path / "run"),
+                 "--set", "model=tiny-random", "--no-progress"])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "holds no images" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_short_run_writes_metrics_grids_and_a_loadable_lora(tmp_path, cache, folders, tiny_pipe_factory):
+    subjects = _subjects(("olis", "toy", folders["toy"]), ("hta", "dog", folders["dog"]))
+    result = personalize(_config(tmp_path, "run", subjects), progress=False)
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all({"loss", "instance_loss", "prior_loss", "seconds"} <= set(r) for r in records)
+    assert records[0]["loss"] == pytest.approx(
+        records[0]["instance_loss"] + records[0]["prior_loss"], rel=1e-5
+    )
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000.png", "step-0002.png"]
+    assert (out / "checkpoints" / "epoch-0002").is_dir()
+
+    saved = load_file(str(result.lora_dir / "pytorch_lora_weights.safetensors"))
+    assert saved and all(key.startswith("unet.") for key in saved)
+    pipe = tiny_pipe_factory()
+    latents = sampling.initial_latents(pipe, 1, torch.Generator().manual_seed(0))
+    base = sampling.sample(pipe, ["a photo of olis toy"], num_steps=2, eta=0.0, latents=latents).images
+    pipe.load_lora_weights(str(result.lora_dir))  # any diffusers program can do this
+    assert pipe.get_active_adapters()
+    tuned = sampling.sample(pipe, ["a photo of olis toy"], num_steps=2, eta=0.0, latents=latents).images
+    assert not torch.allclose(base, tuned)  # the adapter trained and loaded changes what is drawn
+
+
+def test_loss_goes_down_when_overfitting_one_image(tmp_path, cache):
+    folder = _write_subject(tmp_path / "one", (200, 30, 30), count=1)
+    config = _config(
+        tmp_path, "run", _subjects(("olis", "toy", folder)), "prior.enabled=false", "steps=40", "save_every=40",
+        "eval.every=40", "lora.rank=8", "learning_rate=1e-2",
+        # tiny-random has attention only at 8x8: too little to fit an image, so the convolutions train too.
+        "lora.target_modules=[to_q, to_k, to_v, to_out.0, conv1, conv2, conv_in, conv_out]",
+    )  # fmt: skip
+    run = Personalizer(config)
+    subject = run.subjects[0]
+    fixed = [Example(subject.images[0], "a photo of olis toy")] * 8
+
+    def fixed_loss():
+        with torch.no_grad():
+            return run.losses(fixed, torch.Generator().manual_seed(123)).mean().item()
+
+    first = fixed_loss()
+    for _ in range(40):
+        _update(run)
+    assert fixed_loss() < 0.5 * first  # measured: 1.11 -> 0.25
+
+
+def _update(run):
+    """One optimizer step of ``run`` without its bookkeeping (grids, checkpoints)."""
+    generator = torch.Generator().manual_seed(run.step)
+    run.step += 1
+    instances, _ = run.draw(np.random.default_rng(run.step))
+    loss = run.losses(instances, generator).mean()
+    run.accelerator.backward(loss)
+    run.optimizer.step()
+    run.optimizer.zero_grad()
+
+
+def test_class_images_are_generated_once_and_reused(tmp_path, cache, folders, monkeypatch):
+    calls = []
+    original = sampling.sample
+
+    def counting(pipe, prompts, **kwargs):
+        calls.append(prompts[0])
+        return original(pipe, prompts, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", counting)
+    subjects = _subjects(("olis", "toy", folders["toy"]))
+    personalize(_config(tmp_path, "first", subjects, "steps=1", "save_every=1"), progress=False)
+    assert calls.count("a photo of a toy") == 1  # 2 class images, one batch
+    cached = list((cache / "class-images").iterdir())
+    assert len(cached) == 1 and sorted(p.name for p in cached[0].iterdir())[:2] == ["00000.png", "00001.png"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in cached[0].iterdir()}
+
+    calls.clear()
+    personalize(_config(tmp_path, "second", subjects, "steps=1", "save_every=1"), progress=False)
+    assert "a photo of a toy" not in calls
+    assert {p.name: p.stat().st_mtime_ns for p in cached[0].iterdir()} == stamps
+    # Another count is another set of class images.
+    personalize(
+        _config(tmp_path, "third", subjects, "steps=1", "save_every=1", "prior.class_images=3"),
+        progress=False,
+    )
+    assert len(list((cache / "class-images").iterdir())) == 2
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path, cache, folders):
+    subjects = _subjects(("olis", "toy", folders["toy"]), ("hta", "dog", folders["dog"]))
+    full = personalize(_config(tmp_path, "full", subjects, "steps=4"), progress=False)
+    personalize(_config(tmp_path, "cut", subjects, "steps=2"), progress=False)
+    with pytest.raises(DiffalignError, match="already holds a run"):
+        personalize(_config(tmp_path, "cut", subjects, "steps=4"), progress=False)
+    with pytest.raises(ConfigError, match="learning_rate"):
+        personalize(_config(tmp_path, "cut", subjects, "steps=4", "learning_rate=1e-3"), resume=True)
+    resumed = personalize(_config(tmp_path, "cut", subjects, "steps=4"), resume=True, progress=False)
+    assert [r["step"] for r in resumed.history] == [1, 2, 3, 4]
+    for ours, reference in zip(resumed.history, full.history):
+        for key in ("loss", "instance_loss", "prior_loss"):
+            assert ours[key] == pytest.approx(reference[key], rel=1e-6), key
+    ours = load_file(str(resumed.lora_dir / "pytorch_lora_weights.safetensors"))
+    reference = load_file(str(full.lora_dir / "pytorch_lora_weights.safetensors"))
+    assert all(torch.allclose(ours[key], reference[key], atol=1e-7) for key in reference)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
