@@ -12,6 +12,7 @@ well a generated image matches its prompt.
 - ``rewards``: ``shapes-clip``, ``shapes-negclip`` (learned proxies) and ``shapes-oracle`` (exact).
 - ``contrast``: TextNorm's ``shapes`` contrast generator, exact for the grammar.
 - ``prefs``: ``shapes-prefs``, a preference data set (Pick-a-Pic's format) with its ground truth.
+- ``identities`` / ``dnc``: marked subjects for MuDI, their exact detector and the ``shapes-exact`` D&C.
 - ``cli``: the ``diffalign shapes`` commands that retrain the shipped models and build ``shapes-prefs``.
 
 Importing this package makes the world known to generic code, which never names it: the
@@ -108,6 +109,12 @@ registry.register_preference_set(
     world="ShapesWorld",
     description="2400 simulated-annotator pairs of the shipped model's images, with ties, label noise, "
     "near-duplicate and broken prompts, and the oracle's ground truth (built once into the cache)",
+)
+registry.register_dnc_scorer(
+    "shapes-exact",
+    registry.lazy("diffalign.shapes.dnc:ShapesDnC"),
+    world="ShapesWorld",
+    description="exact D&C from the identity detector: shape, colour and marking of each subject",
 )
 registry.register_command(
     "shapes", "diffalign.shapes.cli", help="ShapesWorld: the embedded default world and its models"
