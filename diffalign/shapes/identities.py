@@ -36,10 +36,13 @@ marking and marking colour. It keeps the ShapesWorld detector's discipline (``de
 
 Measured (``measure_accuracy``, seeded; random scenes of one to three objects at 32 px with traits
 drawn independently, so every shape × colour × marking occurs, plain ones included; a scene counts
-only if every object's four traits are read exactly), 500 scenes each (seed 1): clean renders 100 %;
-Gaussian blur σ = 0.5 px 100 %, σ = 1 px 100 %, σ = 1.5 px 88.4 % (small dots blur below half
-share); pixel noise σ = 0.05 100 %, σ = 0.1 95.6 %; blur 1 px with noise 0.05 99.0 %. Mixed objects (one identity's marking trait on the other's body) are flagged for all six
-pairs in the tests; flagging is exact whenever the traits are read exactly.
+only if every object's four traits are read exactly), 500 scenes per condition (seed 1):
+
+    clean renders 100 %            Gaussian blur σ = 0.5 px 100 %, 1 px 100 %, 1.5 px 88.4 %
+    pixel noise σ = 0.05 100 %     pixel noise σ = 0.1 95.6 %      blur 1 px + noise 0.05 99.0 %
+
+Mixed objects (one identity's marking trait on the other's body) are flagged for all six pairs in
+the tests; flagging is exact whenever the traits are read exactly.
 """
 
 from __future__ import annotations
