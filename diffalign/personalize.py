@@ -831,12 +831,15 @@ class Personalizer:
         if self.main:
             lora_dir = self.output / "lora"
             pipeline.save_lora(self.pipe.unet, lora_dir)
+            # One step's loss draws one timestep per example, so it jumps by 10x from step to step; the
+            # running mean over a twentieth of the run is what shows whether the loss goes down.
+            window = max(1, self.step // 20)
             plots.save_curves(
-                self.history,
+                running_means(self.history, ["loss", "instance_loss", "prior_loss"], window),
                 ["loss", "instance_loss", "prior_loss"],
                 self.output / "loss_curve.png",
                 x="step",
-                title=f"{self.config.mode} on {self.config.model}",
+                title=f"{self.config.mode} on {self.config.model} (running mean of {window} steps)",
             )
             eval_keys = [key for key in EVAL_KEYS if any(key in record for record in self.history)]
             if eval_keys:
@@ -852,6 +855,21 @@ class Personalizer:
 
 
 EVAL_KEYS = ("eval/dnc", "eval/all_present", "eval/mixed")
+
+
+def running_means(history: list[dict], keys: list[str], window: int) -> list[dict]:
+    """``{"step", key: mean of the last ``window`` values of key, ...}`` per training record (for plots)."""
+    smoothed, recent = [], {key: [] for key in keys}
+    for record in history:
+        if "loss" not in record:
+            continue  # the step-0 evaluation
+        row = {"step": record["step"]}
+        for key in keys:
+            if key in record:
+                recent[key] = [*recent[key][-(window - 1) :], record[key]] if window > 1 else [record[key]]
+                row[key] = sum(recent[key]) / len(recent[key])
+        smoothed.append(row)
+    return smoothed
 
 
 def complete_masks(config: PersonalizeConfig, subjects: list[SubjectImages]) -> list[SubjectImages]:

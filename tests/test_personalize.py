@@ -360,3 +360,12 @@ def test_cli_default_subjects_on_shapes_are_the_first_similar_pair(tmp_path, cac
     record = json.loads((out / "subjects.json").read_text())
     assert record["subject_set"] == "shapes-similar-1"
     assert [s["token"] for s in record["subjects"]] == ["zog circle", "mib circle"]
+
+
+def test_the_loss_curve_is_a_running_mean_of_the_training_records():
+    from diffalign.personalize import running_means
+
+    history = [{"step": 0, "eval/dnc": 0.0}] + [{"step": i, "loss": float(i)} for i in range(1, 5)]
+    smoothed = running_means(history, ["loss", "prior_loss"], 2)
+    assert smoothed == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 2.5},
+                        {"step": 4, "loss": 3.5}]  # fmt: skip
