@@ -17,7 +17,17 @@ several subjects with a caption naming each (``mode: segmix``, Seg-Mix: segmente
 together; ``mode: cutmix``, the Cut-Mix baseline: image halves side by side) so the model learns to
 keep identities apart, and at inference a mean-shifted initial noise (strength γ, ``eval.mean_shift``)
 that starts sampling from the subjects' layout. The compositions live in ``diffalign.mudi``; this
-file calls them. ``mode: dreambooth`` is the baseline: DreamBooth on all subjects at once.
+file calls them. ``mode: dreambooth`` is the baseline: DreamBooth on all subjects at once. Seg-Mix and
+the mean shift paste segmented subjects: images without a user mask are segmented by the CLIPSeg
+checkpoint ``segmentation.checkpoint`` (``diffalign.mudi.ensure_masks``), and with neither the run is
+refused before anything is written.
+
+Subjects are folders (``subjects``) or a registered subject set (``subject_set``; with neither, the
+first set a world registers for the model — ShapesWorld's ``shapes-similar-1`` for ``shapes``); the
+run records what it trained on in ``subjects.json``. Each grid is also scored with Detect-and-Compare
+(``diffalign.dnc``) on the images whose prompt names every subject, logged as ``eval/dnc``,
+``eval/all_present`` and ``eval/mixed``: by ``eval.dnc_scorer``, by default the scorer registered for
+the model's world (found through the registries by the world's name, so this file names none).
 
 The loop mirrors ``diffalign.train``: accelerate for devices and precision, ``metrics.jsonl``, sample
 grids of fixed prompts with fixed noise, atomic checkpoints (``diffalign.checkpoint``; a checkpoint
@@ -91,6 +101,25 @@ class PriorSection:
 
 
 @dataclass
+class SegmentationSection:
+    """Where Seg-Mix's masks come from when the user gave none (``diffalign.mudi.ensure_masks``)."""
+
+    checkpoint: str = doc(
+        "",
+        "CLIPSeg checkpoint (local folder or cached hub id, e.g. CIDAS/clipseg-rd64-refined; tiny-random for "
+        "tests) that segments each image without NAME.mask.png by its class word; '' = masks must be given",
+    )
+    threshold: float = doc(0.5, "CLIPSeg probability above which a pixel is the subject")
+
+    def validate(self, config: PersonalizeConfig) -> None:
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"segmentation.threshold must be in (0, 1), got {self.threshold}")
+
+
+AUTO = "auto"  # eval.dnc_scorer: the scorer registered for the model's world
+
+
+@dataclass
 class PersonalizeEvalSection:
     """Sample grids of fixed prompts from fixed noise (η = 0), before training, every few steps and at the end."""
 
@@ -106,13 +135,29 @@ class PersonalizeEvalSection:
     mean_shift: float = doc(
         0.0,
         "MuDI's mean-shifted initial noise, strength gamma (0 = plain Gaussian noise): the grid's noise is "
-        "shifted towards the subjects' composed layout (diffalign.mudi.mean_shifted_latents)",
+        "shifted towards the subjects' composed layout (diffalign.mudi.mean_shifted_latents; needs masks)",
     )
+    dnc_scorer: str = doc(
+        AUTO,
+        "Detect-and-Compare scorer of the grid images whose prompt names every subject, logged as eval/dnc, "
+        "eval/all_present, eval/mixed: a registered name (diffalign bench dnc --help), '' = off, auto = the "
+        "one registered for the model's world (off when there is none or it cannot read the subjects)",
+    )
+    dnc_options: dict = doc({}, "keyword options of the D&C scorer, e.g. {checkpoint: tiny-random}")
 
     def validate(self, config: PersonalizeConfig) -> None:
         at_least_one("eval", self, ("every", "images_per_prompt", "num_steps"))
         if self.mean_shift < 0:
             raise ConfigError(f"eval.mean_shift (gamma) must be >= 0, got {self.mean_shift}")
+        if self.dnc_scorer not in ("", AUTO) and self.dnc_scorer not in registry.DNC_SCORERS:
+            names = registry.DNC_SCORERS.names()
+            raise ConfigError(
+                f"eval.dnc_scorer {self.dnc_scorer!r} is not a registered D&C scorer."
+                f"{registry.suggestion(self.dnc_scorer, names)} Choose one of {', '.join(names)}, "
+                f"{AUTO!r} (the model's world's own) or '' (off)"
+            )
+        if self.dnc_options and not self.dnc_scorer:
+            raise ConfigError("eval.dnc_options are given but eval.dnc_scorer is '' (off); name a scorer")
         if not all(isinstance(prompt, str) and prompt.strip() for prompt in self.prompts):
             raise ConfigError(f"eval.prompts must be a list of non-empty prompts, got {self.prompts!r}")
 
@@ -155,7 +200,8 @@ class PersonalizeConfig:
     keep_checkpoints: int = doc(2, "how many recent checkpoints to keep")
     lora: LoraSection = doc(LoraSection, "LoRA adapter on the UNet")
     prior: PriorSection = doc(PriorSection, "prior preservation")
-    eval: PersonalizeEvalSection = doc(PersonalizeEvalSection, "sample grids")
+    segmentation: SegmentationSection = doc(SegmentationSection, "masks for Seg-Mix and the mean shift")
+    eval: PersonalizeEvalSection = doc(PersonalizeEvalSection, "sample grids and their D&C score")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -324,18 +370,9 @@ def resume_changes(saved: PersonalizeConfig, config: PersonalizeConfig, run: Pat
 def resolve_subjects(config: PersonalizeConfig) -> list[tuple[str, str, str]]:
     """``[(identifier, class_word, folder), ...]``: the config's subjects, or those of its subject set
     (written once into ``<cache>/subject-sets/<name>/`` by the set's ``make_folders``)."""
-    if config.subjects:
+    entry = chosen_subject_set(config)
+    if entry is None:
         return [(item["identifier"], item["class_word"], item["folder"]) for item in config.subjects]
-    if config.subject_set:
-        entry = subject_set_entry(config.subject_set, config.model)
-    else:
-        fitting = [entry for entry in registry.SUBJECT_SETS if entry.models and config.model in entry.models]
-        if not fitting:
-            raise ConfigError(
-                f"no subjects given and no subject set is registered for model {config.model!r}: give subjects "
-                "(--subject IDENTIFIER CLASS FOLDER, e.g. --subject olis toy photos/toy) or subject_set=NAME"
-            )
-        entry = fitting[0]
     root = outputs.cache_root() / "subject-sets" / entry.name
     listing = root / "subjects.json"
     if not listing.is_file():
@@ -346,6 +383,22 @@ def resolve_subjects(config: PersonalizeConfig) -> list[tuple[str, str, str]]:
             relative = [(ident, cls, str(Path(folder).relative_to(staging))) for ident, cls, folder in made]
             (staging / "subjects.json").write_text(json.dumps(relative), "utf-8")
     return [(ident, cls, str(root / folder)) for ident, cls, folder in json.loads(listing.read_text("utf-8"))]
+
+
+def chosen_subject_set(config: PersonalizeConfig) -> registry.SubjectSetEntry | None:
+    """The subject set the run trains on: ``subject_set``, or with neither subjects nor a set the first
+    set registered for the model (a world registers its most telling set first); None for ``subjects``."""
+    if config.subjects:
+        return None
+    if config.subject_set:
+        return subject_set_entry(config.subject_set, config.model)
+    fitting = [entry for entry in registry.SUBJECT_SETS if entry.models and config.model in entry.models]
+    if not fitting:
+        raise ConfigError(
+            f"no subjects given and no subject set is registered for model {config.model!r}: give subjects "
+            "(--subject IDENTIFIER CLASS FOLDER, e.g. --subject olis toy photos/toy) or subject_set=NAME"
+        )
+    return fitting[0]
 
 
 def world_words(model: str) -> set[str]:
@@ -474,9 +527,11 @@ class Personalizer:
             check_mode(config, [item.subject for item in self.subjects])
         except SubjectError as error:
             raise SubjectError(f"{error} (nothing was written)") from error
-        if config.mode == "segmix":
-            _check_masks(self.subjects)
+        user_masks = [sum(mask is not None for mask in item.masks) for item in self.subjects]
+        if config.mode == "segmix" or config.eval.mean_shift > 0:
+            self.subjects = complete_masks(config, self.subjects)
         self.prompts = default_eval_prompts(config, [item.subject for item in self.subjects])
+        self.dnc_scorer = build_dnc_scorer(config, self.subjects)
 
         self.output = output = Path(config.output_dir).expanduser()
         self.checkpoints = output / "checkpoints"
@@ -551,8 +606,30 @@ class Personalizer:
         if self.main:
             output.mkdir(parents=True, exist_ok=True)
             outputs.write_text(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+            # What was trained on, when a subject set or the model's default chose it.
+            outputs.write_text(
+                output / "subjects.json", json.dumps(self.describe_subjects(user_masks), indent=1)
+            )
             # Metrics logged after the last checkpoint belong to steps that will be redone.
             outputs.write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def describe_subjects(self, user_masks: list[int]) -> dict:
+        """What ``subjects.json`` records: the subject set (None for folders given as subjects), and per
+        subject its token, folder, images and how many masks the user gave or the segmenter made."""
+        entry = chosen_subject_set(self.config)
+        return {
+            "subject_set": entry.name if entry else None,
+            "subjects": [
+                {
+                    "token": item.subject.token,
+                    "folder": str(item.subject.folder),
+                    "images": len(item.images),
+                    "masks_given": given,
+                    "masks_made": sum(mask is not None for mask in item.masks) - given,
+                }
+                for item, given in zip(self.subjects, user_masks, strict=True)
+            ],
+        }
 
     def _eval_latents(self) -> torch.Tensor:
         """The grids' fixed initial noise ``[P * images_per_prompt, C, h, w]``: Gaussian, or MuDI's
@@ -580,11 +657,13 @@ class Personalizer:
             with self.metrics_path.open("a", encoding="utf-8") as stream:
                 stream.write(json.dumps(record) + "\n")
 
-    def evaluate(self) -> Path | None:
+    def evaluate(self) -> dict[str, float]:
         """Sample the grid prompts from the fixed noise under the current weights; writes
-        ``samples/step-NNNN.png`` (main process) and returns its path."""
+        ``samples/step-NNNN.png`` (main process) and returns the D&C metrics of the images whose prompt
+        names every subject (``{}`` without a scorer). At step 0 of a new run the metrics are also
+        logged, as the base model's "before"."""
         if not self.main:
-            return None
+            return {}
         from diffalign import plots
         from diffalign.sampling import sample
 
@@ -602,13 +681,36 @@ class Personalizer:
                 latents=self.eval_latents.to(self.pipe.unet.device),
             ).images
         self.pipe.unet.train(was_training)
-        return plots.save_grid(
+        plots.save_grid(
             images,
             prompts,
             self.output / "samples" / f"step-{self.step:04d}.png",
             title=f"step {self.step} — {self.config.mode}",
             columns=per_prompt * min(len(self.prompts), 2),
         )
+        metrics = self.score_dnc(images, prompts)
+        if self.step == 0 and not self.history and metrics:
+            self._append({"step": 0, **metrics})
+        return metrics
+
+    def score_dnc(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+        """``eval/dnc`` (mean D&C), ``eval/all_present`` (share of images with every subject once) and
+        ``eval/mixed`` (share with a mixed object; only when the scorer can tell) over ``images  # [B, 3,
+        H, W]`` whose prompt names every subject. D&C asks whether the subjects appear *together* and
+        apart, so images of one subject alone say nothing about it and are left out."""
+        if self.dnc_scorer is None:
+            return {}
+        from diffalign import dnc
+
+        subjects = [item.subject for item in self.subjects]
+        chosen = [i for i, prompt in enumerate(prompts) if all(_names(prompt, s) for s in subjects)]
+        if not chosen:
+            return {}
+        summary = dnc.summarise(self.dnc_scorer(images[chosen].float().cpu(), self.subjects))
+        metrics = {"eval/dnc": summary["mean_dnc"], "eval/all_present": summary["all_present"]}
+        if summary["mixing_rate"] is not None:
+            metrics["eval/mixed"] = summary["mixing_rate"]
+        return metrics
 
     def draw(self, rng: np.random.Generator) -> tuple[list[Example], list[Example]]:
         """One step's examples: ``batch_size`` of every subject (each replaced, in a composing mode and
@@ -694,11 +796,13 @@ class Personalizer:
             "instance_loss": reduce(instance_loss),
             **({"prior_loss": reduce(prior_loss)} if priors else {}),
             "composed": sum(example.composed for example in instances),
-            "seconds": time.perf_counter() - started,
+            "seconds": time.perf_counter() - started,  # the step alone: evaluations are timed apart
         }
-        self._append(record)
         if self.main and (done % config.eval.every == 0 or done == config.steps):
-            self.evaluate()
+            evaluated = time.perf_counter()
+            record.update(self.evaluate())
+            record["eval_seconds"] = time.perf_counter() - evaluated
+        self._append(record)
         if done % config.save_every == 0 or done == config.steps:
             self.save_checkpoint()
         return record
@@ -727,27 +831,137 @@ class Personalizer:
         if self.main:
             lora_dir = self.output / "lora"
             pipeline.save_lora(self.pipe.unet, lora_dir)
+            # One step's loss draws one timestep per example, so it jumps by 10x from step to step; the
+            # running mean over a twentieth of the run is what shows whether the loss goes down.
+            window = max(1, self.step // 20)
             plots.save_curves(
-                self.history,
+                running_means(self.history, ["loss", "instance_loss", "prior_loss"], window),
                 ["loss", "instance_loss", "prior_loss"],
                 self.output / "loss_curve.png",
                 x="step",
-                title=f"{self.config.mode} on {self.config.model}",
+                title=f"{self.config.mode} on {self.config.model} (running mean of {window} steps)",
             )
+            eval_keys = [key for key in EVAL_KEYS if any(key in record for record in self.history)]
+            if eval_keys:
+                plots.save_curves(
+                    self.history,
+                    eval_keys,
+                    self.output / "dnc_curve.png",
+                    x="step",
+                    title=f"D&C of the multi-subject grid prompt — {self.config.mode}",
+                )
         self.accelerator.end_training()
         return PersonalizeResult(self.output, self.history, lora_dir, self.main)
 
 
-def _check_masks(subjects: list[SubjectImages]) -> None:
-    """Seg-Mix pastes segmented subjects, so every image needs its mask (no segmentation model is run here)."""
-    for item in subjects:
-        missing = [index for index, mask in enumerate(item.masks) if mask is None]
-        if missing:
+EVAL_KEYS = ("eval/dnc", "eval/all_present", "eval/mixed")
+
+
+def running_means(history: list[dict], keys: list[str], window: int) -> list[dict]:
+    """``{"step", key: mean of the last ``window`` values of key, ...}`` per training record (for plots)."""
+    smoothed, recent = [], {key: [] for key in keys}
+    for record in history:
+        if "loss" not in record:
+            continue  # the step-0 evaluation
+        row = {"step": record["step"]}
+        for key in keys:
+            if key in record:
+                recent[key] = [*recent[key][-(window - 1) :], record[key]] if window > 1 else [record[key]]
+                row[key] = sum(recent[key]) / len(recent[key])
+        smoothed.append(row)
+    return smoothed
+
+
+def complete_masks(config: PersonalizeConfig, subjects: list[SubjectImages]) -> list[SubjectImages]:
+    """The subjects with a mask for every image: Seg-Mix and the mean shift paste segmented subjects.
+
+    Masks the user gave are kept; the others come from ``segmentation.checkpoint`` (CLIPSeg, prompted
+    with the class word). With neither, the error names the images and both fixes, before anything is
+    written.
+    """
+    from diffalign import mudi
+
+    checkpoint = config.segmentation.checkpoint
+    if not checkpoint:
+        for item in subjects:
+            missing = [index for index, mask in enumerate(item.masks) if mask is None]
+            if missing:
+                needs = "mode segmix pastes" if config.mode == "segmix" else "eval.mean_shift > 0 composes"
+                raise SubjectError(
+                    f"{needs} segmented subjects, but {len(missing)} of the {len(item.images)} images of "
+                    f"{item.subject.token!r} in {item.subject.folder} have no mask: add NAME.mask.png (white = "
+                    "the subject) beside each image, or set segmentation.checkpoint to a CLIPSeg checkpoint "
+                    f"(e.g. {mudi.CLIPSEG_ID}) to make them; or use mode=cutmix with eval.mean_shift=0 "
+                    "(nothing was written)"
+                )
+        return subjects
+    try:
+        completed = mudi.ensure_masks(
+            subjects, checkpoint=checkpoint, threshold=config.segmentation.threshold
+        )
+    except mudi.MissingSegmenterError as error:
+        raise mudi.MissingSegmenterError(
+            f"segmentation.checkpoint: {error}\n(nothing was written)"
+        ) from error
+    # A model mask that marks nothing would stop Seg-Mix mid-run with advice to redraw a mask the user never drew.
+    for given, item in zip(subjects, completed, strict=True):
+        for index, (mine, made) in enumerate(zip(given.masks, item.masks, strict=False)):
+            if mine is None and made.getextrema()[1] < mudi.MASK_THRESHOLD:
+                raise SubjectError(
+                    f"{checkpoint} found no {item.subject.class_word!r} in image {index} of {item.subject.token!r} "
+                    f"({item.subject.folder}) at segmentation.threshold={config.segmentation.threshold}: lower the "
+                    "threshold, or give that image a mask (NAME.mask.png, white = the subject) (nothing was written)"
+                )
+    return completed
+
+
+def model_worlds(model: str) -> list[str]:
+    """The worlds whose prompt sets or subject sets are registered for ``model`` (e.g. ShapesWorld for
+    ``shapes``), in registration order; empty for a model no world names."""
+    worlds: dict[str, None] = {}
+    for entries in (registry.PROMPT_SETS, registry.SUBJECT_SETS):
+        for entry in entries:
+            if entry.world and entry.models is not None and model in entry.models:
+                worlds[entry.world] = None
+    return list(worlds)
+
+
+def build_dnc_scorer(config: PersonalizeConfig, subjects: list[SubjectImages]):
+    """The D&C scorer of ``eval.dnc_scorer``, tried once on a reference image so that a scorer that
+    cannot read these subjects is known before anything is written; None when off.
+
+    ``auto`` takes the first scorer registered for the model's world and quietly turns off (with a
+    warning) when there is none, or when it cannot read the subjects (a world's exact scorer knows
+    its own subjects only); a scorer named explicitly must work, or the run is refused.
+    """
+    from diffalign import dnc
+
+    name = config.eval.dnc_scorer
+    if not name or (name == AUTO and len(subjects) < 2):
+        return None
+    if name == AUTO:
+        worlds = model_worlds(config.model)
+        fitting = [entry.name for entry in registry.DNC_SCORERS if entry.world and entry.world in worlds]
+        if not fitting:
+            return None
+        name = fitting[0]
+    scorer = dnc.build(name, **config.eval.dnc_options)
+    probe = torch.from_numpy(np.asarray(subjects[0].images[0].convert("RGB"), dtype=np.float32) / 255.0)
+    try:
+        scorer(probe.permute(2, 0, 1)[None], subjects)
+    except SubjectError as error:
+        if config.eval.dnc_scorer != AUTO:
             raise SubjectError(
-                f"mode segmix pastes segmented subjects, but {len(missing)} of the {len(item.images)} images of "
-                f"{item.subject.token!r} in {item.subject.folder} have no mask: add NAME.mask.png (white = the "
-                "subject) beside each image, or use mode=cutmix (nothing was written)"
-            )
+                f"eval.dnc_scorer {name!r} cannot score these subjects: {error}. Set eval.dnc_scorer to another "
+                "scorer, or '' (off) (nothing was written)"
+            ) from error
+        warnings.warn(
+            f"no D&C during evaluation: {name!r}, the scorer of the model's world, cannot score these subjects "
+            f"({error}); set eval.dnc_scorer to choose one, or '' to silence this",
+            stacklevel=3,
+        )
+        return None
+    return scorer
 
 
 def personalize(

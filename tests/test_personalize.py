@@ -134,6 +134,7 @@ def test_segmix_without_masks_is_refused(tmp_path, cache, folders, monkeypatch):
     subjects = _subjects(("olis", "toy", folders["toy"]), ("hta", "dog", folders["dog"]))
     message = _refused(tmp_path, cache, subjects, "mode=segmix")
     assert "no mask" in message and "olis toy" in message
+    assert "NAME.mask.png" in message and "segmentation.checkpoint" in message  # both fixes are named
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, cache, folders, capsys):
@@ -251,3 +252,120 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, cache, folders):
     assert all(torch.allclose(ours[key], reference[key], atol=1e-7) for key in reference)
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+
+
+# --- MuDI wired in: composing modes, masks from a segmenter, mean shift, subject sets, D&C ---------------
+
+
+def _pair(folders, tmp_path, masks=True):
+    toy = _write_subject(tmp_path / "mtoy", (200, 30, 30), mask=masks)
+    dog = _write_subject(tmp_path / "mdog", (30, 30, 200), mask=masks)
+    return _subjects(("olis", "toy", toy), ("hta", "dog", dog))
+
+
+@pytest.mark.parametrize("mode", ["cutmix", "segmix"])
+def test_composing_modes_train_on_compositions(tmp_path, cache, folders, mode):
+    config = _config(tmp_path, "run", _pair(folders, tmp_path), f"mode={mode}", "mix_probability=1",
+                     "prior.enabled=false")  # fmt: skip
+    result = personalize(config, progress=False)
+    # Every example (one per subject per step) is a composition of both subjects.
+    assert [r["composed"] for r in result.history] == [2, 2]
+    assert all(np.isfinite(r["loss"]) for r in result.history)
+
+
+def test_segmix_masks_come_from_a_segmenter_when_a_checkpoint_is_given(tmp_path, cache, folders):
+    toy = _write_subject(tmp_path / "mtoy", (200, 30, 30), mask=True)
+    subjects = _subjects(("olis", "toy", toy), ("hta", "dog", folders["dog"]))
+    segment = ["mode=segmix", "segmentation.checkpoint=tiny-random", "eval.dnc_scorer=''"]
+    # A segmenter that finds nothing is a clear error before the run, not a "redraw the mask" mid-run.
+    message = _refused(tmp_path, cache, subjects, *segment, "segmentation.threshold=0.999")
+    assert "found no 'dog'" in message and "threshold" in message
+
+    run = Personalizer(_config(tmp_path, "made", subjects, *segment))
+    given, made = run.subjects
+    drawn = load_subjects([("olis", "toy", toy)])[0].masks
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(given.masks, drawn))  # kept
+    assert all(m is not None and m.size == i.size and m.mode == "L" for m, i in zip(made.masks, made.images))
+    record = json.loads((tmp_path / "made" / "subjects.json").read_text())
+    assert [(s["masks_given"], s["masks_made"]) for s in record["subjects"]] == [(2, 0), (0, 2)]
+    assert record["subject_set"] is None
+
+
+def test_mean_shift_needs_masks_and_changes_the_grid(tmp_path, cache, folders):
+    unmasked = _subjects(("olis", "toy", folders["toy"]), ("hta", "dog", folders["dog"]))
+    message = _refused(tmp_path, cache, unmasked, "eval.mean_shift=1")
+    assert "eval.mean_shift" in message and "segmentation.checkpoint" in message
+    grids = {}
+    for gamma in (0.0, 1.0):
+        run = Personalizer(_config(tmp_path, f"g{gamma}", _pair(folders, tmp_path), f"eval.mean_shift={gamma}",
+                                   "eval.dnc_scorer=''"))  # fmt: skip
+        run.evaluate()
+        grids[gamma] = np.asarray(Image.open(tmp_path / f"g{gamma}" / "samples" / "step-0000.png"))
+    assert grids[0.0].shape == grids[1.0].shape and not np.array_equal(grids[0.0], grids[1.0])
+
+
+def test_a_dnc_scorer_that_cannot_read_the_subjects(tmp_path, cache, folders):
+    subjects = _pair(folders, tmp_path)
+    # Named, ShapesWorld's exact scorer cannot read photos of a toy and a dog: refused before anything is written.
+    message = _refused(tmp_path, cache, subjects, "eval.dnc_scorer=shapes-exact")
+    assert "cannot score these subjects" in message
+    # auto picks it for tiny-random (a ShapesWorld model) and turns D&C off, with a warning.
+    with pytest.warns(UserWarning, match="no D&C during evaluation"):
+        assert Personalizer(_config(tmp_path, "auto", subjects)).dnc_scorer is None
+    with pytest.raises(ConfigError, match="Did you mean 'shapes-exact'"):
+        _config(tmp_path, "run", subjects, "eval.dnc_scorer=shapes-exakt")
+
+
+def test_the_generic_dnc_scorer_logs_eval_metrics(tmp_path, cache, folders):
+    config = _config(tmp_path, "run", _pair(folders, tmp_path), "eval.dnc_scorer=owlv2-dinov2",
+                     "eval.dnc_options={checkpoint: tiny-random, threshold: 0.0}")  # fmt: skip
+    result = personalize(config, progress=False)
+    evaluated = [r for r in result.history if "eval/dnc" in r]
+    assert [r["step"] for r in evaluated] == [0, 2]
+    assert all(0 <= r["eval/dnc"] <= 1 and "eval/mixed" not in r for r in evaluated)  # OWLv2 cannot tell
+
+
+def test_shapes_subject_sets_resolve_to_folders_with_masks(cache):
+    from diffalign.personalize import resolve_subjects, world_words
+
+    specs = resolve_subjects(load_personalize_config(None, ["subject_set=shapes-similar-1"]))
+    assert [(ident, cls) for ident, cls, _ in specs] == [("zog", "circle"), ("mib", "circle")]
+    assert all(str(cache) in folder for _, _, folder in specs)
+    loaded = load_subjects(specs, reserved=world_words("shapes"))  # identifiers pass the word rules
+    assert all(len(item.images) == 4 and all(m is not None for m in item.masks) for item in loaded)
+    again = resolve_subjects(load_personalize_config(None, ["subject_set=shapes-similar-1"]))
+    assert again == specs  # written once, then read from the cache
+
+
+def test_segmix_on_the_shapes_model_logs_exact_dnc(tmp_path, cache):
+    config = load_personalize_config(None, [
+        "model=shapes", "subject_set=shapes-similar-1", "mode=segmix", "steps=2", "save_every=2",
+        "eval.every=2", "eval.num_steps=4", "prior.class_images=2", "prior.num_steps=4",
+        "eval.dnc_scorer=shapes-exact", f"output_dir={tmp_path / 'run'}",
+    ])  # fmt: skip
+    result = personalize(config, progress=False)
+    evaluated = [r for r in result.history if "eval/dnc" in r]
+    assert [r["step"] for r in evaluated] == [0, 2]
+    assert all({"eval/dnc", "eval/all_present", "eval/mixed"} <= set(r) for r in evaluated)
+    assert (tmp_path / "run" / "dnc_curve.png").is_file()
+
+
+def test_cli_default_subjects_on_shapes_are_the_first_similar_pair(tmp_path, cache, capsys):
+    from diffalign.cli import main
+
+    out = tmp_path / "run"
+    code = main(["personalize", "--output-dir", str(out), "--no-progress", "--set", "steps=1",
+                 "--set", "prior.enabled=false", "--set", "eval.num_steps=2", "--set", "eval.images_per_prompt=1"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "subjects.json").read_text())
+    assert record["subject_set"] == "shapes-similar-1"
+    assert [s["token"] for s in record["subjects"]] == ["zog circle", "mib circle"]
+
+
+def test_the_loss_curve_is_a_running_mean_of_the_training_records():
+    from diffalign.personalize import running_means
+
+    history = [{"step": 0, "eval/dnc": 0.0}] + [{"step": i, "loss": float(i)} for i in range(1, 5)]
+    smoothed = running_means(history, ["loss", "prior_loss"], 2)
+    assert smoothed == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 2.5},
+                        {"step": 4, "loss": 3.5}]  # fmt: skip

@@ -97,3 +97,16 @@ def test_an_installed_packages_provider_is_found_through_its_entry_point(tmp_pat
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['a green frog', 'two green frogs']"
+
+
+def test_shapesworld_subject_sets_register_without_torch():
+    """Listing subject sets (``diffalign personalize --help``) imports ShapesWorld's registrations only."""
+    script = (
+        "import sys; from diffalign import registry; names = registry.SUBJECT_SETS.names(); "
+        "print(names[0], len(names), 'torch' in sys.modules, 'numpy' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["shapes-similar-1", "6", "False", "False"]
+    entry = registry.SUBJECT_SETS.get("shapes-dissimilar-3")
+    assert entry.world == "ShapesWorld" and entry.fits("shapes") and not entry.fits("some/other-model")

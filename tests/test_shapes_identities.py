@@ -178,3 +178,15 @@ def test_pair_folders_and_registered_scorer(tmp_path):
     entry = registry.DNC_SCORERS.get("shapes-exact")
     assert entry is not None and entry.world == "ShapesWorld"
     assert entry.make().name == "shapes-exact"
+
+
+def test_every_subject_pair_is_a_subject_set(tmp_path):
+    from diffalign.shapes import SUBJECT_PAIR_NAMES
+
+    assert (
+        tuple(I.SUBJECT_PAIRS) == SUBJECT_PAIR_NAMES
+    )  # the registration's copy of the names has not drifted
+    made = registry.SUBJECT_SETS.get("shapes-similar-2").make_folders(tmp_path)
+    expected = [(i.identifier, i.class_word) for i in I.pair("similar-2")]
+    assert [(ident, cls) for ident, cls, _ in made] == expected
+    assert all(folder.parent == tmp_path for _, _, folder in made)

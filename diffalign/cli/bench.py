@@ -142,7 +142,8 @@ def configure_dnc(parser: argparse.ArgumentParser) -> None:
         required=True,
         metavar=("ID", "CLASS", "FOLDER"),
         help="a subject: its identifier, class word (what the detector looks for) and a folder of its "
-        "reference images (NAME.mask.png masks beside them are ignored); repeat once per subject",
+        "reference images (NAME.mask.png beside NAME.png = its mask, read and checked, not a reference); "
+        "repeat once per subject",
     )
     parser.add_argument(
         "--scorer",
@@ -167,36 +168,12 @@ def configure_dnc(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=cmd_dnc)
 
 
-def _subjects_from_folders(specs: list[list[str]]) -> list:
-    """The subjects named on the command line, read from their folders.
-
-    Deliberately small: ``diffalign.subjects.load_subjects`` (with its validation) replaces this
-    once it lands. Reads every image in the folder except ``*.mask.png``, as RGB.
-    """
-    from diffalign import images
-    from diffalign.subjects import Subject, SubjectError, SubjectImages
-
-    identifiers = [identifier for identifier, _, _ in specs]
-    if len(set(identifiers)) != len(identifiers):
-        raise SubjectError(f"each --subject needs its own identifier, got {', '.join(identifiers)}")
-    subjects = []
-    for identifier, class_word, folder in specs:
-        paths = [path for path in images.list_images(folder) if not path.name.lower().endswith(".mask.png")]
-        if not paths:
-            raise SubjectError(
-                f"subject {identifier} {class_word}: {folder!r} holds no reference images (PNG, JPEG, ...)"
-            )
-        pictures = [images.on_white(images.open_image(path, role="reference image")) for path in paths]
-        subject = Subject(identifier, class_word, Path(folder))
-        subjects.append(SubjectImages(subject, pictures, [None] * len(pictures)))
-    return subjects
-
-
 def cmd_dnc(args: argparse.Namespace) -> int:
     from diffalign import dnc
+    from diffalign.subjects import load_subjects
 
     dnc.check_folder(args.images, args.output, overwrite=args.overwrite)  # before minutes of model loading
-    subjects = _subjects_from_folders(args.subject)
+    subjects = load_subjects(args.subject)  # validated (identifiers, images, masks) before any model loads
     options = parse_options(args.option)
     scorer = dnc.build(args.scorer, **options)
     report = dnc.evaluate_folder(

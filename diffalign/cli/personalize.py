@@ -44,7 +44,7 @@ def epilog() -> str:
     from diffalign.personalize import PersonalizeConfig
 
     sets = "\n".join(
-        f"  {entry.name:<18} {entry.description} (models: {', '.join(entry.models or ('any',))})"
+        f"  {entry.name:<20} {entry.description} (models: {', '.join(entry.models or ('any',))})"
         for entry in registry.SUBJECT_SETS
     )
     keys = "\n".join(
@@ -54,7 +54,8 @@ def epilog() -> str:
         "modes (mode=...):\n"
         "  dreambooth  DreamBooth-LoRA on all subjects at once (Ruiz et al. 2023), the baseline\n"
         "  cutmix      + Cut-Mix: halves of two subjects' images side by side, captioned with both tokens\n"
-        "  segmix      + Seg-Mix (MuDI, Jang et al. 2024): segmented subjects pasted together; needs masks\n\n"
+        "  segmix      + Seg-Mix (MuDI, Jang et al. 2024): segmented subjects pasted together; needs masks\n"
+        "              (NAME.mask.png) or segmentation.checkpoint=CLIPSEG to make them\n\n"
         f"subject sets (--subjects NAME; with no subjects, the first one registered for the model):\n"
         f"{sets or '  (none registered)'}\n\n"
         f"config keys (YAML file and --set key=value):\n{keys}\n\n"

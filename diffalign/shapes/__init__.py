@@ -13,13 +13,15 @@ well a generated image matches its prompt.
 - ``contrast``: TextNorm's ``shapes`` contrast generator, exact for the grammar.
 - ``prefs``: ``shapes-prefs``, a preference data set (Pick-a-Pic's format) with its ground truth.
 - ``identities`` / ``dnc``: marked subjects for MuDI, their exact detector and the ``shapes-exact`` D&C.
+  Each subject pair is a subject set ``shapes-similar-1`` ... ``shapes-dissimilar-3`` for
+  ``diffalign personalize --subjects NAME``, written into the cache on first use.
 - ``cli``: the ``diffalign shapes`` commands that retrain the shipped models and build ``shapes-prefs``.
 
 Importing this package makes the world known to generic code, which never names it: the
 pipelines ``shapes`` and ``shapes-inpaint``, the prompt sets ``shapes-*`` (written for the
 ``shapes`` model, and ``tiny-random`` for tests), the three rewards, the contrast generator, the
-preference set ``shapes-prefs`` (generated into the cache on first use) and the ``shapes``
-command. Registration imports nothing heavy; the names below (``parse``, ``detect``, ...) are
+preference set ``shapes-prefs`` (generated into the cache on first use), the subject sets
+``shapes-similar-1`` ... ``shapes-dissimilar-3``, the D&C scorer ``shapes-exact`` and the ``shapes`` command. Registration imports nothing heavy; the names below (``parse``, ``detect``, ...) are
 imported from their modules on first use.
 """
 
@@ -40,6 +42,10 @@ PROMPT_SETS: dict[str, tuple[str, str]] = {
 }
 # Models that draw ShapesWorld: the shipped one, and the random test model of the same latent size.
 MODELS = ("shapes", "tiny-random")
+# The keys of ``identities.SUBJECT_PAIRS``, registered as subject sets ``shapes-<pair>``; kept here so that
+# registering them imports no numpy (a test checks the two agree). Similar pairs first: with no subjects
+# given, ``diffalign personalize`` takes the first set, and a similar pair is where identities mix.
+SUBJECT_PAIR_NAMES = ("similar-1", "similar-2", "similar-3", "dissimilar-1", "dissimilar-2", "dissimilar-3")
 
 
 def _load_pipeline(*, torch_dtype, seed: int):
@@ -52,6 +58,15 @@ def _load_inpainting_pipeline(*, torch_dtype, seed: int):
     from diffalign.shapes import assets
 
     return assets.load_inpainting_pipeline(torch_dtype=torch_dtype)
+
+
+def _subject_folders(pair: str):
+    def make_folders(root) -> list[tuple[str, str, object]]:
+        from diffalign.shapes.identities import write_pair_folders
+
+        return [(s.identifier, s.class_word, s.folder) for s in write_pair_folders(pair, root)]
+
+    return make_folders
 
 
 def _prompt_set(name: str):
@@ -110,6 +125,15 @@ registry.register_preference_set(
     description="2400 simulated-annotator pairs of the shipped model's images, with ties, label noise, "
     "near-duplicate and broken prompts, and the oracle's ground truth (built once into the cache)",
 )
+for _pair in SUBJECT_PAIR_NAMES:
+    _kind = "same shape and colour, different marking" if _pair.startswith("similar") else "nothing shared"
+    registry.register_subject_set(
+        f"shapes-{_pair}",
+        _subject_folders(_pair),
+        models=MODELS,
+        world="ShapesWorld",
+        description=f"two marked shapes, {_kind} (4 references each, with masks)",
+    )
 registry.register_dnc_scorer(
     "shapes-exact",
     registry.lazy("diffalign.shapes.dnc:ShapesDnC"),
@@ -152,6 +176,7 @@ def __dir__() -> list[str]:
 __all__ = [  # noqa: RUF022 - grouped as _EXPORTS is
     "MODELS",
     "PROMPT_SETS",
+    "SUBJECT_PAIR_NAMES",
     "Detection",
     "correct",
     "detect",
