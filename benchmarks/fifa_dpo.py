@@ -166,7 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--output", default="results/fifa_dpo", help="folder for the JSON, figure and subsets"
     )
+    parser.add_argument(
+        "--from-json", help="summarise the runs of an earlier study's fifa_dpo.json again (no training)"
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        output = Path(args.output)
+        if (output / "fifa_dpo.json").resolve() == Path(args.from_json).resolve():
+            parser.error("--from-json would be overwritten by the summary: choose another --output")
+        output.mkdir(parents=True, exist_ok=True)
+        report(json.loads(Path(args.from_json).read_text()), output)
+        return 0
     if args.quick:
         args.seeds, args.variants, args.steps, args.evaluations = [0], ["all", "fifa"], 8, 2
 
@@ -211,53 +221,71 @@ def main(argv: list[str] | None = None) -> int:
     runs, execution = seeded_runs.run_grid(
         variants, args.seeds, overrides, KEYS, jobs=args.jobs, threads=args.threads, work_dir=str(output)
     )
-    summary = seeded_runs.summarise(runs, KEYS, TRAIN_ORACLE, 0.0)
-    reference = summary["variants"].get("all", {}).get("final_change", {}).get(TRAIN_ORACLE, {}).get("mean")
-    for variant, entry in summary["variants"].items():
-        group = [run for run in runs if run["variant"] == variant]
-        entry["train_seconds"] = [run["train_seconds"][-1] for run in group]
-        entry["subset_pairs"] = (
-            subsets["pairs"] if variant == "all" else subsets["reports"].get(variant, {}).get("kept")
-        )
-        entry["fifa_cpu_seconds"] = subsets["reports"].get(variant, {}).get("cpu_seconds")
-        if reference is not None:
-            entry["pairs_to_match_all"] = [
-                steps_to_match(
-                    (np.array(run["curves"][TRAIN_ORACLE]) - run["curves"][TRAIN_ORACLE][0]).tolist(),
-                    run["queries"],
-                    reference,
-                )
-                for run in group
-            ]
     result = {
         "settings": {**vars(args), "steps_per_evaluation": steps_per_epoch, "pairs_per_step": batch},
         "data": {"pairs": subsets["pairs"], "ties_dropped": subsets["ties"]},
         "subsets": subsets["reports"],
         "composition": subsets["composition"],
         "execution": execution,
-        "summary": summary,
         "runs": runs,
     }
+    report(result, output)
+    return 0
+
+
+def report(result: dict, output: Path) -> dict:
+    """Summarise ``result``'s runs (change since each seed's base), write ``fifa_dpo.json`` and
+    ``fifa_dpo.png`` into ``output`` and print the tables; returns the summary."""
+    runs = result["runs"]
+    summary = seeded_runs.summarise(runs, KEYS, TRAIN_ORACLE, 0.0)
+    reference = summary["variants"].get("all", {}).get("final_change", {}).get(TRAIN_ORACLE, {}).get("mean")
+    composition_of = result.get("composition", {})
+    for variant, entry in summary["variants"].items():
+        group = [run for run in runs if run["variant"] == variant]
+        entry["train_seconds"] = [run["train_seconds"][-1] for run in group]
+        entry["final_by_seed"] = {
+            key: [run["curves"][key][-1] - run["curves"][key][0] for run in group] for key in entry["base"]
+        }
+        entry["seeds"] = [run["seed"] for run in group]
+        entry["subset_pairs"] = (composition_of.get(variant) or {}).get("pairs") or (
+            result["data"]["pairs"] if variant == "all" else None
+        )
+        entry["fifa_cpu_seconds"] = result["subsets"].get(variant, {}).get("cpu_seconds")
+        # Only a gain can be matched: when full-data DPO ends at or below its base, there is none.
+        if reference is not None and reference > 0:
+            entry["pairs_to_match_all"] = [
+                steps_to_match(
+                    (np.array(run["curves"][TRAIN_ORACLE][1:]) - run["curves"][TRAIN_ORACLE][0]).tolist(),
+                    run["queries"][1:],
+                    reference,
+                )
+                for run in group
+            ]
+    result = {**result, "summary": summary}
     (output / "fifa_dpo.json").write_text(json.dumps(result, indent=1, default=str))
+    summary_for_plot = {**summary, "target_key": None}  # no target line: the study has no bar
+    settings = result["settings"]
     seeded_runs.plot_changes(
-        summary,
+        summary_for_plot,
         {"train oracle": TRAIN_ORACLE, "held-out oracle": HELDOUT_ORACLE, "shapes-clip (train)": TRAIN_CLIP},
         output / "fifa_dpo.png",
-        f"Diffusion-DPO on {args.data}: {len(args.seeds)} seeds, {args.steps} steps of {batch} pairs",
+        f"Diffusion-DPO on {settings['data']}: {len(settings['seeds'])} seeds, "
+        f"{settings['steps']} steps of {settings['pairs_per_step']} pairs",
+        xlabel="preference pairs seen",
     )
     print(table(summary, reference))
-    print(composition_table(subsets["composition"]))
+    print(composition_table(composition_of))
     print(f"wrote {output / 'fifa_dpo.json'} and {output / 'fifa_dpo.png'}")
-    return 0
+    return summary
 
 
 def table(summary: dict, reference: float | None) -> str:
     """Final change since each seed's base (mean ± std over seeds) per variant, and the seconds."""
     header = (
-        "| variant | pairs | train oracle | held-out oracle | shapes-clip (train) | train CPU s | FiFA CPU s "
-        "| pairs seen to match `all` |"
+        "| variant | pairs | train oracle by seed | train oracle | held-out oracle | shapes-clip (train) "
+        "| train s | FiFA s | pairs seen to match `all` |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for variant, entry in summary["variants"].items():
         final = entry["final_change"]
 
@@ -265,12 +293,15 @@ def table(summary: dict, reference: float | None) -> str:
             return f"{final[key]['mean']:+.3f} ± {final[key]['std']:.3f}" if key in final else "–"
 
         fifa_seconds = entry.get("fifa_cpu_seconds")
-        matched = entry.get("pairs_to_match_all") or []
+        seeds = " / ".join(f"{value:+.3f}" for value in entry["final_by_seed"].get(TRAIN_ORACLE, []))
+        if reference is None or reference <= 0:
+            matched = "no gain to match"
+        else:
+            matched = ", ".join("never" if m is None else str(m) for m in entry.get("pairs_to_match_all", []))
         lines.append(
-            f"| {variant} | {entry.get('subset_pairs')} | {cell(TRAIN_ORACLE)} | {cell(HELDOUT_ORACLE)} | "
+            f"| {variant} | {entry.get('subset_pairs')} | {seeds} | {cell(TRAIN_ORACLE)} | {cell(HELDOUT_ORACLE)} | "
             f"{cell(TRAIN_CLIP)} | {np.mean(entry['train_seconds']):.0f} | "
-            f"{'–' if fifa_seconds is None else f'{fifa_seconds:.0f}'} | "
-            f"{', '.join('never' if m is None else str(m) for m in matched) if reference is not None else '–'} |"
+            f"{'–' if fifa_seconds is None else f'{fifa_seconds:.0f}'} | {matched} |"
         )
     return "\n".join(lines)
 

@@ -143,7 +143,9 @@ def summarise(runs: list[dict], keys: list[str], target_key: str, target_gain: f
     return summary
 
 
-def plot_changes(summary: dict, curves: dict[str, str], path: Path, title: str) -> None:
+def plot_changes(
+    summary: dict, curves: dict[str, str], path: Path, title: str, *, xlabel: str = "reward queries"
+) -> None:
     """One panel per curve: change since the base against reward queries, mean and min..max band."""
     import matplotlib
 
@@ -163,7 +165,7 @@ def plot_changes(summary: dict, curves: dict[str, str], path: Path, title: str) 
             axis.axhline(summary["target_gain"], color="grey", linestyle=":", label="target")
         axis.axhline(0, color="black", linewidth=0.6)
         axis.set_title(f"{label}: change", fontsize=10)
-        axis.set_xlabel("reward queries")
+        axis.set_xlabel(xlabel)
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     figure.suptitle(title)
