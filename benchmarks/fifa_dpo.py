@@ -102,9 +102,14 @@ def make_subsets(
             paths["random"][seed] = str(output)
     # Per variant (the first seed's draw for the random subset): what its labels are worth.
     truth = {variant: composition(next(iter(by_seed.values()))) for variant, by_seed in paths.items()}
+    sizes = {variant: summary["kept"] for variant, summary in reports.items()}
+    sizes["all"] = len(preferences)
+    if "random" in paths:
+        sizes["random"] = fifa.FiFAConfig(fraction=fraction).kept(len(preferences))
     return {
         "paths": paths,
         "reports": reports,
+        "sizes": sizes,
         "composition": truth,
         "pairs": len(preferences),
         "ties": preferences.stats.ties,
@@ -226,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"pairs": subsets["pairs"], "ties_dropped": subsets["ties"]},
         "subsets": subsets["reports"],
         "composition": subsets["composition"],
+        "sizes": subsets["sizes"],
         "execution": execution,
         "runs": runs,
     }
@@ -247,8 +253,10 @@ def report(result: dict, output: Path) -> dict:
             key: [run["curves"][key][-1] - run["curves"][key][0] for run in group] for key in entry["base"]
         }
         entry["seeds"] = [run["seed"] for run in group]
-        entry["subset_pairs"] = (composition_of.get(variant) or {}).get("pairs") or (
-            result["data"]["pairs"] if variant == "all" else None
+        entry["subset_pairs"] = (
+            result.get("sizes", {}).get(variant)
+            or (composition_of.get(variant) or {}).get("pairs")
+            or (result["data"]["pairs"] if variant == "all" else None)
         )
         entry["fifa_cpu_seconds"] = result["subsets"].get(variant, {}).get("cpu_seconds")
         # Only a gain can be matched: when full-data DPO ends at or below its base, there is none.

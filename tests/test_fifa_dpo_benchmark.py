@@ -78,3 +78,11 @@ def test_quick_study_writes_subsets_json_plot_and_table(tmp_path, capsys):
         assert fifa_dpo.TRAIN_ORACLE in entry["final_change"]
     assert (output / "fifa_dpo.png").is_file()
     assert "| fifa | 6 |" in capsys.readouterr().out
+    # The summary can be made again from the saved runs, elsewhere; never over its own input.
+    again = tmp_path / "again"
+    assert fifa_dpo.main(["--from-json", str(output / "fifa_dpo.json"), "--output", str(again)]) == 0
+    assert json.loads((again / "fifa_dpo.json").read_text())["summary"]["variants"].keys() == {"all", "fifa"}
+    before = (output / "fifa_dpo.json").read_bytes()
+    with pytest.raises(SystemExit):
+        fifa_dpo.main(["--from-json", str(output / "fifa_dpo.json"), "--output", str(output)])
+    assert (output / "fifa_dpo.json").read_bytes() == before
