@@ -517,7 +517,7 @@ class Personalizer:
         from accelerate.utils import set_seed
 
         from diffalign import pipeline
-        from diffalign.train import RunExistsError
+        from diffalign.train import open_run_folder
 
         self.config = config
         # Subjects first: a refused folder or identifier must leave nothing behind.
@@ -535,26 +535,9 @@ class Personalizer:
 
         self.output = output = Path(config.output_dir).expanduser()
         self.checkpoints = output / "checkpoints"
-        previous = checkpoint.latest(self.checkpoints) if self.checkpoints.is_dir() else None
-        if previous is not None and not resume:
-            raise RunExistsError(
-                f"{output} already holds a run (checkpoint {previous.name}). Pass --resume to continue it, "
-                "or choose another output_dir; nothing was changed."
-            )
-        if resume and previous is None:
-            raise checkpoint.CheckpointError(
-                f"--resume given but {self.checkpoints} has no checkpoint to resume from"
-            )
-        changes: dict[str, list] = {}
-        if resume:
-            if not (output / "config.yaml").is_file():
-                raise checkpoint.CheckpointError(
-                    f"{output} has a checkpoint but no config.yaml, so --resume cannot check that it continues "
-                    "the same run; restore config.yaml from a copy"
-                )
-            changes = resume_changes(load_personalize_config(output / "config.yaml"), config, output)
-        else:
-            outputs.check_new_run_folder(output)
+        previous, changes = open_run_folder(
+            output, resume, lambda saved: resume_changes(load_personalize_config(saved), config, output)
+        )
 
         self.accelerator = accelerator = Accelerator(
             # Without a GPU, accelerate only sets up multi-process (gloo) training when told it is on CPU.

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,33 @@ def build_context(config: TrainConfig, reward: rewards.Reward | None = None) -> 
     return TrainContext(pipe, unet, optimizer, accelerator, reward, prompt_list, parameters, exploration)
 
 
+def open_run_folder(
+    output: Path, resume: bool, changes_since: Callable[[Path], dict[str, list]]
+) -> tuple[Path | None, dict[str, list]]:
+    """Check ``output`` for a new run, or for the run ``resume`` continues, before anything is
+    written: returns the checkpoint to continue from (None for a new run) and the settings the
+    resumed run changes, ``changes_since(output / "config.yaml")`` (which refuses forbidden ones).
+    Shared by every run folder diffalign writes (``train``, ``personalize``)."""
+    checkpoints = output / "checkpoints"
+    previous = checkpoint.latest(checkpoints) if checkpoints.is_dir() else None
+    if previous is not None and not resume:
+        raise RunExistsError(
+            f"{output} already holds a run (checkpoint {previous.name}). Pass --resume to continue it, "
+            "or choose another output_dir; nothing was changed."
+        )
+    if resume and previous is None:
+        raise checkpoint.CheckpointError(f"--resume given but {checkpoints} has no checkpoint to resume from")
+    if not resume:
+        outputs.check_new_run_folder(output)
+        return None, {}
+    if not (output / "config.yaml").is_file():
+        raise checkpoint.CheckpointError(
+            f"{output} has a checkpoint but no config.yaml, so its settings are unknown and --resume "
+            "cannot check that it continues the same experiment; restore config.yaml from a copy"
+        )
+    return previous, changes_since(output / "config.yaml")
+
+
 class Trainer:
     """One training run, step by step: what ``train`` loops over, for studies that need each epoch.
 
@@ -159,26 +187,9 @@ class Trainer:
         self.config = config
         self.output = output = Path(config.output_dir)
         self.checkpoints = checkpoints = output / "checkpoints"
-        previous = checkpoint.latest(checkpoints) if checkpoints.is_dir() else None
-        if previous is not None and not resume:
-            raise RunExistsError(
-                f"{output} already holds a run (checkpoint {previous.name}). Pass --resume to continue it, "
-                "or choose another output_dir; nothing was changed."
-            )
-        if resume and previous is None:
-            raise checkpoint.CheckpointError(
-                f"--resume given but {checkpoints} has no checkpoint to resume from"
-            )
-        changes: dict[str, list] = {}
-        if resume:
-            if not (output / "config.yaml").is_file():
-                raise checkpoint.CheckpointError(
-                    f"{output} has a checkpoint but no config.yaml, so its settings are unknown and --resume "
-                    "cannot check that it continues the same experiment; restore config.yaml from a copy"
-                )
-            changes = resume_changes(load_config(output / "config.yaml"), config, output)
-        else:
-            outputs.check_new_run_folder(output)
+        previous, changes = open_run_folder(
+            output, resume, lambda saved: resume_changes(load_config(saved), config, output)
+        )
 
         self.context = context = build_context(config, reward)
         self.accelerator = accelerator = context.accelerator

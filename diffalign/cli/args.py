@@ -108,3 +108,15 @@ def dataclass_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
         default = spec.default if spec.default is not dataclasses.MISSING else None
         values[spec.name] = tuple(value) if isinstance(default, tuple) else value
     return values
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of a command that writes a resumable run folder (``train``, ``personalize``)."""
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key; repeatable"
+    )
+    parser.add_argument("--output-dir", help="shorthand for --set output_dir=...")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in output_dir from its last checkpoint"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")

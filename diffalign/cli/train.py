@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffalign.cli.args import CommandError
+from diffalign.cli.args import CommandError, add_run_arguments
 from diffalign.errors import DiffalignError, describe_os_error
 
 
@@ -17,14 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = epilog
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("config", nargs="?", help="YAML config file (keys below)")
-    parser.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config key; repeatable"
-    )
-    parser.add_argument("--output-dir", help="shorthand for --set output_dir=...")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the run in output_dir from its last checkpoint"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(parser)
     parser.set_defaults(handler=cmd_train)
 
 
