@@ -24,7 +24,9 @@ _LINK_TARGET = re.compile(r"(\]\()([^)\s]+)")
 def on_files(files, config):
     root = Path(config["docs_dir"]).resolve().parent
     for path in sorted((root / RESULTS).rglob("*")):
-        if path.is_file() and path.suffix != ".tmp":
+        # Markdown among the results (a study's report.md) would become a page outside the nav; the
+        # site links to the JSON and figures, so it is left to the repository view.
+        if path.is_file() and path.suffix not in (".tmp", ".md"):
             src_uri = path.relative_to(root).as_posix()
             files.append(File.generated(config, src_uri, abs_src_path=str(path)))
     return files
