@@ -63,13 +63,13 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from diffalign import outputs
-from diffalign.preferences import PreferenceDataError, write_pickapic
+from diffalign.preferences import PreferenceDataError, encode_png, write_pickapic
 from diffalign.shapes.grammar import Entity, Facts, PromptOutsideGrammar, Relation, converse, parse, text
 
 VERSION = 1  # bump when the recipe changes what is generated: the cache folder is named after it
@@ -195,7 +195,11 @@ def generate(recipe: Recipe, *, progress: bool = False) -> list[dict]:
         pair = [_truth(images[2 * i + k], caption, source) for k in range(2)]
         who = int(label_rng.integers(len(crowd)))
         label_0, flipped, utilities = _annotate(crowd[who], pair, kind in BROKEN_KINDS, label_rng)
-        row = {"caption": caption, "jpg_0": _png(images[2 * i]), "jpg_1": _png(images[2 * i + 1])}
+        row = {
+            "caption": caption,
+            "jpg_0": encode_png(Image.fromarray(images[2 * i])),
+            "jpg_1": encode_png(Image.fromarray(images[2 * i + 1])),
+        }
         row.update(label_0=label_0, label_1=1.0 - label_0, prompt_kind=kind, prompt_source=source)
         for k in range(2):
             seed_k, guidance_k, steps_k = settings[2 * i + k]
@@ -526,14 +530,6 @@ def _annotate(
     flipped = bool(click < person.noise)
     label_0 = float(first_wins != flipped)
     return label_0, flipped, (round(utilities[0], 6), round(utilities[1], 6))
-
-
-def _png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _share(mask: np.ndarray) -> float | None:
