@@ -22,7 +22,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -260,27 +260,54 @@ def add_lora(
 
 
 def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The adapter weights of ``unet`` in diffusers' LoRA key format."""
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    """The adapter weights of ``unet`` in peft's key format (``lora_A``/``lora_B``).
+
+    diffusers loads this format for every module type. The older diffusers format
+    (``convert_state_dict_to_diffusers``) renames only attention projections, so an adapter that
+    also targets convolutions or feed-forward layers came out with mixed keys, and
+    ``load_lora_weights`` then took the file for peft format and dropped every attention weight.
+    """
+    return get_peft_model_state_dict(unet)
+
+
+def lora_metadata(unet: UNet2DConditionModel) -> dict:
+    """The adapter's LoraConfig as diffusers stores it in the safetensors header.
+
+    Without it a loader infers the rank from the weights and takes ``alpha = rank``, which is
+    wrong for any adapter trained with another alpha.
+    """
+    config = unet.peft_config["default"].to_dict()
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
 def save_lora(unet: UNet2DConditionModel, folder: str | Path) -> None:
     """Write the UNet's adapter so that ``pipe.load_lora_weights(folder)`` works in any diffusers program."""
     StableDiffusionPipeline.save_lora_weights(
-        save_directory=str(folder), unet_lora_layers=lora_state_dict(unet), safe_serialization=True
+        save_directory=str(folder),
+        unet_lora_layers=lora_state_dict(unet),
+        unet_lora_adapter_metadata=lora_metadata(unet),
+        safe_serialization=True,
     )
 
 
 def load_lora_into_adapter(unet: UNet2DConditionModel, folder: str | Path) -> None:
-    """Overwrite the UNet's existing trainable adapter with the weights saved in ``folder`` (resume)."""
+    """Overwrite the UNet's existing trainable adapter with the weights saved in ``folder`` (resume).
+
+    Reads both key formats: peft's, which :func:`save_lora` writes, and diffusers' older one,
+    which checkpoints written before it used.
+    """
     state, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
     unet_state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
+    # The conversion renames old-format keys and leaves peft-format ones as they are.
     result = set_peft_model_state_dict(
         unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
     )
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise PipelineError(f"LoRA in {folder} does not fit this UNet: unexpected keys {unexpected[:5]}")
+    missing = [key for key in getattr(result, "missing_keys", []) if "lora_" in key]
+    if missing:
+        raise PipelineError(f"LoRA in {folder} lacks weights this UNet's adapter has: {missing[:5]}")
 
 
 def enable_memory_savers(

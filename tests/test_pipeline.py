@@ -68,6 +68,45 @@ def test_lora_starts_as_identity_and_loads_in_plain_diffusers(tiny_pipe_factory,
     torch.testing.assert_close(resumed.unet(latents, 500, encoder_hidden_states=embeds).sample, tuned)
 
 
+def test_lora_on_convolutions_and_feed_forward_with_alpha_loads_whole(tiny_pipe_factory, tmp_path):
+    # Attention, feed-forward and convolution targets with alpha != rank: every weight and the
+    # scale must survive the file. (The older diffusers key format renamed only attention keys,
+    # and load_lora_weights then dropped them; without the config in the header alpha was lost.)
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
+    pipe = tiny_pipe_factory()
+    pipeline.add_lora(pipe, rank=2, alpha=8, target_modules=targets)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    latents, embeds = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
+    tuned = pipe.unet(latents, 500, encoder_hidden_states=embeds).sample
+    pipeline.save_lora(pipe.unet, tmp_path / "lora")
+
+    plain = tiny_pipe_factory()
+    base = plain.unet(latents, 500, encoder_hidden_states=embeds).sample
+    plain.load_lora_weights(str(tmp_path / "lora"))
+    loaded = plain.unet(latents, 500, encoder_hidden_states=embeds).sample
+    assert (tuned - base).abs().max() > 1e-3
+    torch.testing.assert_close(loaded, tuned)
+
+    resumed = tiny_pipe_factory()
+    pipeline.add_lora(resumed, rank=2, alpha=8, target_modules=targets)
+    pipeline.load_lora_into_adapter(resumed.unet, tmp_path / "lora")
+    torch.testing.assert_close(resumed.unet(latents, 500, encoder_hidden_states=embeds).sample, tuned)
+
+
+def test_resume_refuses_an_adapter_with_fewer_targets(tiny_pipe_factory, tmp_path):
+    small = tiny_pipe_factory()
+    pipeline.add_lora(small, rank=2, target_modules=("to_q", "to_v"))
+    pipeline.save_lora(small.unet, tmp_path / "lora")
+    larger = tiny_pipe_factory()
+    pipeline.add_lora(larger, rank=2, target_modules=("to_q", "to_v", "conv1"))
+    with pytest.raises(pipeline.PipelineError, match="lacks weights"):
+        pipeline.load_lora_into_adapter(larger.unet, tmp_path / "lora")
+
+
 def test_memory_switches_are_safe_without_gpu(tiny_pipe):
     with pytest.warns(UserWarning, match="xformers"):
         pipeline.enable_memory_savers(tiny_pipe, xformers=True)
