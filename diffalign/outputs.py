@@ -188,16 +188,37 @@ def staging_folder(final: str | Path, *, replace: bool = True) -> Iterator[Path]
         raise
 
 
-def remove_debris(folder: str | Path) -> list[Path]:
-    """Remove the temporary files and folders an interrupted write left in ``folder``; returns them."""
+def remove_debris(folder: str | Path, *, of: str | None = None) -> list[Path]:
+    """Remove the temporary files and folders an interrupted write left in ``folder``; returns them.
+
+    ``of`` limits it to the leftovers of writes to ``folder/of``: in a folder several processes
+    write to (the cache), another entry's temporary may be a write in progress."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     removed = []
-    for leftover in folder.glob(f"{TEMPORARY_PREFIX}*"):
+    pattern = f"{TEMPORARY_PREFIX}{of}-*" if of is not None else f"{TEMPORARY_PREFIX}*"
+    for leftover in folder.glob(pattern):
         if leftover.is_dir() and not leftover.is_symlink():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
         removed.append(leftover)
     return removed
+
+
+@contextmanager
+def cache_entry_lock(entry: str | Path) -> Iterator[Path]:
+    """Hold the lock of one cache entry (a folder under ``cache_root()``) while making it.
+
+    Two runs that need the same entry at once (two ``personalize`` jobs with the same class images)
+    take turns: the first fills it, the second then finds it complete and reads it. Under the lock
+    the entry's own leftovers from an interrupted write are removed; other entries' temporaries are
+    left alone, as they may be writes in progress. The lock is a ``filelock`` file beside the entry."""
+    from filelock import FileLock
+
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry.parent / f".{entry.name}.lock")):
+        remove_debris(entry.parent, of=entry.name)
+        yield entry

@@ -376,12 +376,14 @@ def resolve_subjects(config: PersonalizeConfig) -> list[tuple[str, str, str]]:
     root = outputs.cache_root() / "subject-sets" / entry.name
     listing = root / "subjects.json"
     if not listing.is_file():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        outputs.remove_debris(root.parent)
-        with outputs.staging_folder(root) as staging:
-            made = entry.make_folders(staging)
-            relative = [(ident, cls, str(Path(folder).relative_to(staging))) for ident, cls, folder in made]
-            (staging / "subjects.json").write_text(json.dumps(relative), "utf-8")
+        with outputs.cache_entry_lock(root):
+            if not listing.is_file():  # another process may have made it while this one waited
+                with outputs.staging_folder(root) as staging:
+                    made = entry.make_folders(staging)
+                    relative = [
+                        (ident, cls, str(Path(folder).relative_to(staging))) for ident, cls, folder in made
+                    ]
+                    (staging / "subjects.json").write_text(json.dumps(relative), "utf-8")
     return [(ident, cls, str(root / folder)) for ident, cls, folder in json.loads(listing.read_text("utf-8"))]
 
 
@@ -439,26 +441,25 @@ def class_images(
 
     folder = class_image_folder(config, class_word)
     prior, count = config.prior, config.prior.class_images
-    if not (folder / "recipe.json").is_file():
-        prompt = prior.class_prompt.format(class_word=class_word)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        outputs.remove_debris(folder.parent)
-        generator = torch.Generator().manual_seed(config.seed)
-        with outputs.staging_folder(folder) as staging:
-            for start in range(0, count, batch_size):
-                size = min(batch_size, count - start)
-                trajectory = sample(
-                    pipe,
-                    [prompt] * size,
-                    num_steps=prior.num_steps,
-                    guidance_scale=prior.guidance_scale,
-                    eta=0.0,
-                    generator=generator,
-                )
-                for offset, image in enumerate(trajectory.images):
-                    to_pil(image).save(staging / f"{start + offset:05d}.png")
-            recipe = {"model": config.model, "prompt": prompt, "count": count, "seed": config.seed}
-            (staging / "recipe.json").write_text(json.dumps(recipe), "utf-8")
+    with outputs.cache_entry_lock(folder):
+        if not (folder / "recipe.json").is_file():  # made by another process while this one waited?
+            prompt = prior.class_prompt.format(class_word=class_word)
+            generator = torch.Generator().manual_seed(config.seed)
+            with outputs.staging_folder(folder) as staging:
+                for start in range(0, count, batch_size):
+                    size = min(batch_size, count - start)
+                    trajectory = sample(
+                        pipe,
+                        [prompt] * size,
+                        num_steps=prior.num_steps,
+                        guidance_scale=prior.guidance_scale,
+                        eta=0.0,
+                        generator=generator,
+                    )
+                    for offset, image in enumerate(trajectory.images):
+                        to_pil(image).save(staging / f"{start + offset:05d}.png")
+                recipe = {"model": config.model, "prompt": prompt, "count": count, "seed": config.seed}
+                (staging / "recipe.json").write_text(json.dumps(recipe), "utf-8")
     return [Image.open(folder / f"{index:05d}.png").convert("RGB") for index in range(count)]
 
 

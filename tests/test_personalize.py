@@ -218,7 +218,7 @@ def test_class_images_are_generated_once_and_reused(tmp_path, cache, folders, mo
     subjects = _subjects(("olis", "toy", folders["toy"]))
     personalize(_config(tmp_path, "first", subjects, "steps=1", "save_every=1"), progress=False)
     assert calls.count("a photo of a toy") == 1  # 2 class images, one batch
-    cached = list((cache / "class-images").iterdir())
+    cached = [p for p in (cache / "class-images").iterdir() if not p.name.startswith(".")]  # not the locks
     assert len(cached) == 1 and sorted(p.name for p in cached[0].iterdir())[:2] == ["00000.png", "00001.png"]
     stamps = {p.name: p.stat().st_mtime_ns for p in cached[0].iterdir()}
 
@@ -231,7 +231,58 @@ def test_class_images_are_generated_once_and_reused(tmp_path, cache, folders, mo
         _config(tmp_path, "third", subjects, "steps=1", "save_every=1", "prior.class_images=3"),
         progress=False,
     )
-    assert len(list((cache / "class-images").iterdir())) == 2
+    assert len([p for p in (cache / "class-images").iterdir() if not p.name.startswith(".")]) == 2
+
+
+def _class_images_in_a_process(cache_folder, overrides, results):
+    import os
+
+    os.environ["DIFFALIGN_CACHE"] = cache_folder
+    from diffalign import pipeline
+    from diffalign.personalize import class_images
+
+    config = load_personalize_config(None, overrides)
+    images = class_images(pipeline.load("tiny-random"), config, "toy")
+    results.put([np.asarray(image).tolist() for image in images])
+
+
+def test_two_processes_making_the_same_class_images_take_turns(tmp_path, cache, folders):
+    # Two personalize jobs started together need the same class images: one makes them while the
+    # other waits for the lock and then reads them (before the lock, the second removed the first's
+    # half-written folder as debris and the first failed).
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    overrides = [
+        *TINY,
+        _subjects(("olis", "toy", folders["toy"])),
+        "prior.class_images=6",
+        "prior.num_steps=3",
+    ]
+    workers = [
+        context.Process(target=_class_images_in_a_process, args=(str(cache), overrides, results))
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    made = [results.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert made[0] == made[1] and len(made[0]) == 6
+    entries = list((cache / "class-images").iterdir())
+    assert [p for p in entries if p.name.startswith(".diffalign-tmp-")] == []
+
+
+def test_debris_of_one_cache_entry_leaves_other_entries_writes_alone(tmp_path):
+    from diffalign import outputs
+
+    (tmp_path / ".diffalign-tmp-aaa-123").mkdir()  # an interrupted write of entry aaa
+    (tmp_path / ".diffalign-tmp-bbb-456").mkdir()  # another process writing entry bbb right now
+    with outputs.cache_entry_lock(tmp_path / "aaa"):
+        assert not (tmp_path / ".diffalign-tmp-aaa-123").exists()
+        assert (tmp_path / ".diffalign-tmp-bbb-456").exists()
 
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path, cache, folders):

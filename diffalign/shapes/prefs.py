@@ -132,7 +132,7 @@ def cached_path(rebuild: bool = False) -> Path:
     if not rebuild and (folder / "recipe.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    outputs.remove_debris(folder.parent)
+    outputs.remove_debris(folder.parent, of=NAME)
     print(f"generating the ShapesWorld preference set {NAME} into {folder} (once; a few minutes)", flush=True)
     start = time.perf_counter()
     try:
