@@ -4,6 +4,7 @@ detector and the ``shapes-exact`` D&C scorer."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -109,14 +110,15 @@ def test_detector_survives_blank_and_noise():
     assert all(d.identity is None for d in I.detect_identities(noise, IDS))
 
 
-def test_dnc_is_one_for_correct_and_zero_for_missing_or_duplicated(tmp_path):
+def test_dnc_is_the_papers_score_of_the_exact_matrices(tmp_path):
     a, b = I.pair("similar-1")
     subjects = _subjects([a, b], tmp_path)
     scorer = ShapesDnC()
     results = scorer(
         _tensor(_image([a, b], 1), _image([a], 2), _image([a, a], 3), _image([a, b, b], 4)), subjects
     )
-    assert [r.dnc for r in results] == [1.0, 0.0, 0.0, 0.0]
+    # A similar pair: S_ref = [[1, .5], [.5, 1]]; a twice puts [1, .5] where [.5, 1] should be.
+    assert [r.dnc for r in results] == pytest.approx([1.0, 0.0, 1 - math.sqrt(0.5), 0.0])
     assert [r.all_present for r in results] == [True, False, False, False]
     assert [r.detections for r in results] == [2, 1, 2, 3]
     assert not any(r.mixed for r in results)
@@ -129,7 +131,9 @@ def test_dnc_is_lower_for_a_mixed_object(name, tmp_path):
     images = _tensor(_image([a, b], 1), _image([a, I.mix(b, a, take)], 2))
     good, mixed = ShapesDnC()(images, _subjects([a, b], tmp_path))
     assert good.dnc == 1.0 and not good.mixed
-    assert 0.0 < mixed.dnc < 1.0 and mixed.mixed and not mixed.all_present
+    # The mixed object agrees on 3 of 4 traits with each subject (similar) or 2 of 4 (dissimilar).
+    expected = 1 - math.sqrt(2 * 0.25**2) if name.startswith("similar") else 1 - math.sqrt(0.5)
+    assert mixed.dnc == pytest.approx(expected) and mixed.mixed and not mixed.all_present
 
 
 def test_dnc_reads_uncatalogued_subjects_from_their_references(tmp_path):

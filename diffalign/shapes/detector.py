@@ -90,7 +90,7 @@ def detect(image: np.ndarray | torch.Tensor) -> list[Detection]:
     for colour in np.unique(classes[classes > 0]):
         member = classes == colour
         cores[member & (chroma >= CORE_LEVEL * np.percentile(chroma[member], 90))] = colour
-    labels = _components(cores)  # [H * W + 1], background = H * W
+    labels = components(cores)  # [H * W + 1], background = H * W
     sizes = np.bincount(labels, minlength=height * width + 1)[:-1]
     roots = np.flatnonzero(sizes >= MIN_AREA * height * width)
 
@@ -100,14 +100,14 @@ def detect(image: np.ndarray | torch.Tensor) -> list[Detection]:
     margin = math.ceil(WINDOW_MARGIN * max(height, width))
     blurs = tuple(b * max(height, width) / 32 for b in BLURS)  # a generator's blur grows with its size
     kept = np.isin(labels[:-1], roots).reshape(height, width)
-    far = ~_dilate(kept, margin)  # background away from every object: shows the pixel noise
+    far = ~dilate(kept, margin)  # background away from every object: shows the pixel noise
     detections = []
     for root in roots:
         region = (labels[:-1] == root).reshape(height, width)
         # Other objects and their blurred edges say nothing about this one. All else is
         # evidence, noise included: dropping noisy pixels by their colour would keep only
         # those that look like this object and bias its coverage up.
-        valid = region | ~_dilate(kept & ~region, margin)
+        valid = region | ~dilate(kept & ~region, margin)
         found = _measure(region, valid, far, cores, chromatic, hues, chroma, margin, blurs)
         if found is not None:
             detections.append(found)
@@ -195,7 +195,7 @@ def _measure(
     direction /= max(np.linalg.norm(direction), 1e-12)
     typical = max(np.percentile(chromatic[region] @ direction, 90), 1e-6)
     coverage = chromatic[window] @ direction / typical  # [h, w]
-    noise = _noise_variance(chromatic[far] @ direction / typical)
+    noise = noise_variance(chromatic[far] @ direction / typical)
     fit = fit_shape(coverage, valid[window], blurs, noise)
     if fit is None or fit.area < MIN_AREA * height * width:  # too little coherent colour: noise
         return None
@@ -210,7 +210,7 @@ def _measure(
     )
 
 
-def _noise_variance(values: np.ndarray) -> float:
+def noise_variance(values: np.ndarray) -> float:
     """Variance of pixel noise from background values, robustly (median absolute deviation,
     so stray object edges do not inflate it); 0 when there is too little background."""
     if values.size < 16:
@@ -226,7 +226,7 @@ def _colour_confidence(hues: np.ndarray, chroma: np.ndarray) -> float:
     return float((second - first) / (second + first))
 
 
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """``mask  # [H, W] bool`` grown by ``radius`` pixels in every direction (a square)."""
     height, width = mask.shape
     padded = np.pad(mask, radius)
@@ -245,7 +245,7 @@ def _hue_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.minimum(d, 360.0 - d)
 
 
-def _components(classes: np.ndarray) -> np.ndarray:
+def components(classes: np.ndarray) -> np.ndarray:
     """Connected regions of equal non-zero class (4-neighbour) → ``[H * W + 1]`` labels:
     each pixel gets the flat index of its region's first pixel, background (and the extra
     last entry) get ``H * W``.

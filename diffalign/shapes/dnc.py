@@ -8,27 +8,29 @@ is the share of the four traits they agree on (shape, body colour, marking, mark
 ``identities.similarity``): 1 for the same identity, 0.5 within a similar pair, 0 within a
 dissimilar one, 0.75 from an object mixing a similar pair to either subject.
 
-The score of an image with N subjects:
+The score is the paper's, computed by ``diffalign.dnc.result_from_matrices`` from these exact
+matrices, so a D&C here and one from the real scorer (``owlv2-dinov2``) are the same formula:
+0 when the number of detections of the subjects' classes is not N (a subject missing, or an extra
+one); otherwise the detections are matched to the subjects (Hungarian) and D&C = max(0, 1 −
+‖S_det[matched] − S_ref‖_F). Worked values for two subjects: a faithful image 1; a similar pair's
+subject drawn twice 1 − √0.5 = 0.29 (its row [1, 0.5] stands where [0.5, 1] should), a dissimilar
+pair's 0; one mixed object of a similar pair 1 − √(2·0.25²) = 0.65.
 
-- 0 when the number of detections of the subjects' classes is not N (a subject missing, an extra);
-- otherwise each subject j gets the detection the best matching assigns it, and its row S_det[j]
-  is compared with S_ref[j] relative to how far S_ref[j] is from the nearest other subject's row (or
-  from a row of zeros, an object like no subject): e_j = ‖S_det[j] − S_ref[j]‖ / d_j. D&C = 1 −
-  max_j e_j, clipped at 0. So a detection that *is* another subject scores 0 (a duplicated subject
-  is as bad as a missing one), and a mixed object scores in between (0.5 for a similar pair's mix).
-  The worst subject decides, as a user would judge the image: one wrong subject spoils it.
+Because D&C grades a duplicate of a *similar* subject above zero, the study's headline is exact and
+not D&C: ``all_present`` (each subject detected exactly once, every trait read) and ``mixed`` (an
+object carrying traits of two subjects), which only a world with an exact detector can give.
 """
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from diffalign.dnc import DnCResult
+from diffalign.dnc import DnCResult, result_from_matrices
 from diffalign.shapes.identities import (
     CATALOGUE,
     Identity,
@@ -82,27 +84,19 @@ class ShapesDnC:
 
 
 def score_detections(detections: list[IdentityDetection], identities: Sequence[Identity]) -> DnCResult:
-    """The D&C verdict (see the module doc) for the detections of one image."""
+    """The D&C verdict (see the module doc) for the detections of one image: the paper's score from
+    the exact similarity matrices, with exact presence and mixing."""
     classes = {i.class_word for i in identities}
     relevant = [d for d in detections if d.shape in classes]
     counts = Counter(d.identity for d in relevant)
-    all_present = all(counts[i.name] == 1 for i in identities)
-    mixed = any(d.mixed for d in relevant)
-    n = len(identities)
-    if len(relevant) != n:
-        return DnCResult(0.0, len(relevant), all_present, mixed)
-    reference = np.array([[similarity(a, b) for b in identities] for a in identities])  # S_ref [N, N]
-    observed = np.array([[similarity(d.traits, b) for b in identities] for d in relevant])  # S_det [N, N]
-    # How far each subject's row may move before it is another subject's (or nothing's) row.
-    rows = [*reference, np.zeros(n)]
-    reach = np.array(
-        [min(np.linalg.norm(r - reference[j]) for k, r in enumerate(rows) if k != j) for j in range(n)]
+    reference = torch.tensor([[similarity(a, b) for b in identities] for a in identities])  # S_ref [N, N]
+    observed = torch.tensor([[similarity(d.traits, b) for b in identities] for d in relevant])  # S_det [D, N]
+    result = result_from_matrices(observed.reshape(len(relevant), len(identities)), reference)
+    return dataclasses.replace(
+        result,
+        all_present=all(counts[i.name] == 1 for i in identities),
+        mixed=any(d.mixed for d in relevant),
     )
-    best = max(
-        1.0 - max(np.linalg.norm(observed[p[j]] - reference[j]) / reach[j] for j in range(n))
-        for p in itertools.permutations(range(n))
-    )
-    return DnCResult(float(max(best, 0.0)), len(relevant), all_present, mixed)
 
 
 def _read_identity(item: SubjectImages) -> Identity:

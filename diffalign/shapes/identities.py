@@ -447,7 +447,7 @@ def similarity(a: Traits | Identity, b: Traits | Identity) -> float:
 def read_objects(image) -> list[tuple[Traits, tuple[float, float, float, float], float]]:
     """Every object in ``image`` as ``(traits, box, area)`` (see the module doc for how). Never fails
     on content (blank, noise, NaN)."""
-    from diffalign.shapes.detector import _components, _dilate, as_rgb
+    from diffalign.shapes.detector import as_rgb, components, dilate
 
     rgb = as_rgb(image)  # [H, W, 3] in [0, 1]
     height, width = rgb.shape[:2]
@@ -458,13 +458,13 @@ def read_objects(image) -> list[tuple[Traits, tuple[float, float, float, float],
     background = np.median(rgb[grey], 0) if grey.sum() >= 0.2 * pixels else np.array(BACKGROUND) / 255
     lift = rgb - background  # [H, W, 3]
     strength = np.linalg.norm(lift, axis=-1)  # [H, W]
-    candidates = _components((strength >= MIN_LIFT).astype(np.int64))
+    candidates = components((strength >= MIN_LIFT).astype(np.int64))
     cores = np.zeros((height, width), dtype=np.int64)
     sizes = np.bincount(candidates, minlength=pixels + 1)[:-1]
     for root in np.flatnonzero(sizes >= MIN_AREA * pixels):
         member = (candidates[:-1] == root).reshape(height, width)
         cores[member & (strength >= CORE_LEVEL * np.percentile(strength[member], 90))] = 1
-    labels = _components(cores)
+    labels = components(cores)
     sizes = np.bincount(labels, minlength=pixels + 1)[:-1]
     roots = np.flatnonzero(sizes >= MIN_AREA * pixels)
 
@@ -472,11 +472,11 @@ def read_objects(image) -> list[tuple[Traits, tuple[float, float, float, float],
     margin = math.ceil(0.08 * max(height, width))
     blurs = tuple(b * max(height, width) / 32 for b in (0.0, 0.5, 1.0, 1.5, 2.0))
     kept = np.isin(labels[:-1], roots).reshape(height, width)
-    far = ~_dilate(kept, margin)
+    far = ~dilate(kept, margin)
     objects = []
     for root in roots:
         region = (labels[:-1] == root).reshape(height, width)
-        valid = region | ~_dilate(kept & ~region, margin)
+        valid = region | ~dilate(kept & ~region, margin)
         ys, xs = np.nonzero(region)
         top, left = max(ys.min() - margin, 0), max(xs.min() - margin, 0)
         window = (
@@ -530,7 +530,7 @@ def _feasible_residual(lift: np.ndarray, directions: np.ndarray) -> np.ndarray:
 def _read_one(lift, valid, region, far_lift, directions, blurs, image_size):
     """Traits, box (window pixels) and area (pixels) of the object whose core is ``region`` in this
     window, or None for too little coherent colour."""
-    from diffalign.shapes.detector import MAX_EXTENT, MAX_RESIDUAL, _noise_variance
+    from diffalign.shapes.detector import MAX_EXTENT, MAX_RESIDUAL, noise_variance
     from diffalign.shapes.fit import fit_shape
 
     names = list(COLOURS)
@@ -554,7 +554,7 @@ def _read_one(lift, valid, region, far_lift, directions, blurs, image_size):
     if not two_colours:
         coef, _ = _unmix(lift, directions[list(single)])
         total = coef[..., 0]
-    noise = _noise_variance(_unmix(far_lift, directions[list(two if two_colours else single)])[0].sum(-1))
+    noise = noise_variance(_unmix(far_lift, directions[list(two if two_colours else single)])[0].sum(-1))
     fit = fit_shape(total, valid, blurs, noise)
     if fit is None or fit.area < MIN_AREA * image_size[0] * image_size[1]:
         return None
