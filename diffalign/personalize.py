@@ -116,7 +116,7 @@ class SegmentationSection:
             raise ConfigError(f"segmentation.threshold must be in (0, 1), got {self.threshold}")
 
 
-AUTO = "auto"  # eval.dnc_scorer: the scorer registered for the model's world
+AUTO = "auto"  # vae, eval.dnc_scorer: the one the subject set or the model's world registers
 
 
 @dataclass
@@ -176,6 +176,12 @@ class PersonalizeConfig:
     )
     subject_set: str = doc(
         "", "a registered subject set (used when subjects is []; '' = the first one registered for the model)"
+    )
+    vae: str = doc(
+        AUTO,
+        "autoencoder to draw with in place of the model's own (same latent space, as sd-vae-ft-mse for SD): a "
+        "registered name, a folder (AutoencoderKL, or a pipeline's vae/) or a cached hub id; '' = the model's "
+        "own; auto = the subject set's (ShapesWorld's shapes-vae-marked, which draws markings), else the model's",
     )
     mode: str = doc(
         "dreambooth",
@@ -264,6 +270,16 @@ class PersonalizeConfig:
             )
         if self.subject_set:
             subject_set_entry(self.subject_set, self.model)
+        if self.vae not in ("", AUTO) and self.vae not in registry.VAES:
+            try:
+                pipeline.check_spec(self.vae)
+            except pipeline.PipelineError:
+                names = registry.VAES.names()
+                raise ConfigError(
+                    f"vae {self.vae!r} is not a registered VAE, a folder or a hub id (org/name)."
+                    f"{registry.suggestion(self.vae, names)} Registered: {', '.join(names) or 'none'}; "
+                    f"or {AUTO!r} (the subject set's) or '' (the model's own)"
+                ) from None
         if self.subjects:
             try:
                 subjects = self.subject_list()
@@ -331,6 +347,16 @@ def subject_set_entry(name: str, model: str) -> registry.SubjectSetEntry:
             f"but model is {model!r}"
         )
     return entry
+
+
+def chosen_vae(config: PersonalizeConfig) -> str:
+    """The VAE the run draws with: ``vae``, or for ``auto`` the subject set's when it is made for the
+    model (``''`` = the model's own)."""
+    if config.vae != AUTO:
+        return config.vae
+    entry = chosen_subject_set(config)
+    vae = registry.VAES.get(entry.vae) if entry is not None and entry.vae else None
+    return vae.name if vae is not None and config.model in vae.models else ""
 
 
 def load_personalize_config(
@@ -426,6 +452,7 @@ def class_image_folder(config: PersonalizeConfig, class_word: str) -> Path:
         "seed": config.seed,
         "num_steps": prior.num_steps,
         "guidance_scale": prior.guidance_scale,
+        **({"vae": chosen_vae(config)} if chosen_vae(config) else {}),  # older keys stay valid
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     return outputs.cache_root() / "class-images" / key
@@ -548,6 +575,9 @@ class Personalizer:
         )
         self.main = accelerator.is_main_process
         pipe = self.pipe = pipeline.load(config.model, seed=config.seed)
+        self.vae = chosen_vae(config)
+        if self.vae:
+            pipeline.swap_vae(pipe, self.vae, config.model)
         pipe.to(accelerator.device)
         self.resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         # The prior is what the *base* model draws, so the class images come before the adapter.
@@ -603,6 +633,8 @@ class Personalizer:
         entry = chosen_subject_set(self.config)
         return {
             "subject_set": entry.name if entry else None,
+            # Draw with the same VAE when sampling the LoRA elsewhere (pipeline.swap_vae, or pipe.vae = ...).
+            "vae": self.vae or None,
             "subjects": [
                 {
                     "token": item.subject.token,

@@ -139,6 +139,59 @@ def from_pretrained(cls: type, spec: str, dtype: torch.dtype, *, kind: str | Non
         ) from error
 
 
+def swap_vae(pipe: StableDiffusionPipeline, spec: str, model: str) -> AutoencoderKL:
+    """Put the autoencoder ``spec`` into ``pipe`` (built from ``model``) in place of its own, and return it.
+
+    ``spec`` is a registered VAE (``registry.register_vae``, e.g. ShapesWorld's ``shapes-vae-marked``),
+    a local folder holding an ``AutoencoderKL`` (its ``config.json``, or a pipeline folder's ``vae/``),
+    or a cached hub id, as Stable Diffusion users swap in ``stabilityai/sd-vae-ft-mse``. The UNet was
+    trained on the old VAE's latents, so the new one must share their shape and scale: a different
+    ``latent_channels``, down-sampling or ``scaling_factor`` is refused, not silently decoded wrong.
+    """
+    entry = registry.VAES.get(spec)
+    dtype = pipe.vae.dtype
+    if entry is not None:
+        if model not in entry.models:
+            raise PipelineError(
+                f"vae {spec!r} is made for the models {', '.join(entry.models)}, not {model!r}: its latents "
+                "are theirs. Leave vae empty to keep the pipeline's own."
+            )
+        vae = entry.load(torch_dtype=dtype)
+    else:
+        folder = Path(spec).expanduser()
+        if not folder.exists() and ("/" not in spec or looks_like_path(spec)):
+            close = difflib.get_close_matches(spec, registry.VAES.names(), n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise PipelineError(
+                f"no VAE {spec!r}: not a registered VAE, not a folder, not a hub id (org/name).{hint} "
+                f"Registered: {', '.join(registry.VAES.names()) or 'none'}."
+            )
+        subfolder = "vae" if (folder / "vae" / "config.json").is_file() else None
+        try:
+            vae = AutoencoderKL.from_pretrained(spec, subfolder=subfolder, **dtype_argument(dtype))
+        except (OSError, ValueError) as error:
+            raise PipelineError(
+                f"could not load the VAE {spec!r}: {error}\ndiffalign never downloads weights at run time: "
+                "pass a folder with the AutoencoderKL's config.json and weights (or a pipeline folder with vae/)."
+            ) from error
+    old, new = pipe.vae.config, vae.config
+    for key in ("latent_channels", "scaling_factor"):
+        if getattr(old, key) != getattr(new, key):
+            raise PipelineError(
+                f"vae {spec!r} does not fit {model!r}: its {key} is {getattr(new, key)}, the pipeline's is "
+                f"{getattr(old, key)}, so the UNet's latents would be read wrong"
+            )
+    if len(old.block_out_channels) != len(new.block_out_channels):
+        raise PipelineError(
+            f"vae {spec!r} does not fit {model!r}: it down-samples {2 ** (len(new.block_out_channels) - 1)}×, "
+            f"the pipeline's VAE {2 ** (len(old.block_out_channels) - 1)}×"
+        )
+    vae.requires_grad_(False)
+    pipe.vae = vae.to(pipe.vae.device).eval()
+    pipe.register_modules(vae=pipe.vae)
+    return pipe.vae
+
+
 def _ddim_scheduler_for(pipe: StableDiffusionPipeline) -> DDIMScheduler:
     """Turn the pipeline's scheduler into DDIM with the same noise schedule, or refuse."""
     scheduler = pipe.scheduler

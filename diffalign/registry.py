@@ -5,7 +5,7 @@ Generic code never names a particular world. It looks names up here: built-in pi
 for), TextNorm's contrast generators (``register_contrast``), FiFA's text-quality scorers
 (``register_text_quality``) and per-data-set defaults (``register_filter_defaults``), and command
 groups of the ``diffalign`` command (``register_command``), and subjects to personalise on
-(``register_subject_set``). Rewards have their own registry,
+(``register_subject_set``), and autoencoders that replace a pipeline's own (``register_vae``). Rewards have their own registry,
 ``diffalign.rewards.register``, which finds providers the same way.
 
 A *provider* is a module that registers things when it is imported, as ``diffalign.shapes``
@@ -372,6 +372,7 @@ class SubjectSetEntry:
     models: tuple[str, ...] | None
     world: str
     description: str
+    vae: str = ""  # a registered VAE that can draw these subjects, used in place of the pipeline's own
 
     def fits(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -387,8 +388,34 @@ def register_subject_set(
     models: tuple[str, ...] | None = None,
     world: str = "",
     description: str = "",
+    vae: str = "",
 ) -> SubjectSetEntry:
-    """Make ``name`` a subject set: ``make_folders(root)`` writes its subject folders under ``root``."""
+    """Make ``name`` a subject set: ``make_folders(root)`` writes its subject folders under ``root``;
+    ``vae`` names a registered VAE (``register_vae``) to draw them with when the model's own cannot."""
     return SUBJECT_SETS.add(
-        name, SubjectSetEntry(name, make_folders, tuple(models) if models else None, world, description)
+        name, SubjectSetEntry(name, make_folders, tuple(models) if models else None, world, description, vae)
     )
+
+
+@dataclass(frozen=True)
+class VaeEntry:
+    """An autoencoder known by name, to use in place of a pipeline's own (``vae: NAME``), as Stable
+    Diffusion users swap in a fine-tuned VAE (``sd-vae-ft-mse``): ``load(torch_dtype=...)`` returns a
+    diffusers ``AutoencoderKL`` whose latents are the pipeline's (same encoder space and scale), so the
+    UNet needs no change. ``models``: the model specs it fits."""
+
+    name: str
+    load: Callable[..., Any]
+    models: tuple[str, ...]
+    world: str
+    description: str
+
+
+VAES: Registry[VaeEntry] = Registry("VAE")
+
+
+def register_vae(
+    name: str, load: Callable[..., Any], *, models: tuple[str, ...], world: str = "", description: str = ""
+) -> VaeEntry:
+    """Make ``name`` a VAE that ``pipeline.swap_vae`` can put into the ``models``' pipelines."""
+    return VAES.add(name, VaeEntry(name, load, tuple(models), world, description))

@@ -420,3 +420,16 @@ def test_the_loss_curve_is_a_running_mean_of_the_training_records():
     smoothed = running_means(history, ["loss", "prior_loss"], 2)
     assert smoothed == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": 2.5},
                         {"step": 4, "loss": 3.5}]  # fmt: skip
+
+
+def test_the_vae_key_picks_the_subject_sets_vae_for_its_model_only(tmp_path):
+    from diffalign.personalize import chosen_vae
+
+    shapes = load_personalize_config(None, ["model=shapes", "subject_set=shapes-similar-1"])
+    assert chosen_vae(shapes) == "shapes-vae-marked"  # the shipped VAE cannot draw markings
+    own = load_personalize_config(None, ["model=shapes", "subject_set=shapes-similar-1", "vae=''"])
+    assert chosen_vae(own) == ""
+    tiny = load_personalize_config(None, [*TINY, "subject_set=shapes-similar-1"])
+    assert chosen_vae(tiny) == ""  # shapes-vae-marked is made for `shapes`, not for the test model
+    with pytest.raises(ConfigError, match="Did you mean 'shapes-vae-marked'"):
+        load_personalize_config(None, ["model=shapes", "vae=shapes-vae-marks"])

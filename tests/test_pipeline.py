@@ -112,3 +112,51 @@ def test_memory_switches_are_safe_without_gpu(tiny_pipe):
         pipeline.enable_memory_savers(tiny_pipe, xformers=True)
     pipeline.enable_memory_savers(tiny_pipe, attention_slicing=True, gradient_checkpointing=True)
     assert tiny_pipe.unet.is_gradient_checkpointing
+
+
+# --- swapping the VAE ------------------------------------------------------------------------------
+
+
+def _perturbed_vae_folder(pipe, folder, **config_changes):
+    """A copy of ``pipe``'s VAE with other weights (and config), saved as an AutoencoderKL folder."""
+    from diffusers import AutoencoderKL
+
+    # Without "_use_default_values", which would reset the changed keys to their defaults.
+    config = {key: value for key, value in pipe.vae.config.items() if key != "_use_default_values"}
+    config.update(config_changes)
+    vae = AutoencoderKL.from_config(config)
+    if not config_changes:
+        vae.load_state_dict(pipe.vae.state_dict())
+        with torch.no_grad():
+            for parameter in vae.decoder.parameters():
+                parameter.add_(0.01)
+    vae.save_pretrained(folder)
+    return vae
+
+
+def test_swap_vae_puts_a_folders_autoencoder_into_the_pipeline(tmp_path, tiny_pipe):
+    saved = _perturbed_vae_folder(tiny_pipe, tmp_path / "vae")
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = tiny_pipe.vae.decode(latents).sample
+    swapped = pipeline.swap_vae(tiny_pipe, str(tmp_path / "vae"), "tiny-random")
+    assert tiny_pipe.vae is swapped and not any(p.requires_grad for p in swapped.parameters())
+    with torch.no_grad():
+        after, expected = tiny_pipe.vae.decode(latents).sample, saved.decode(latents).sample
+    assert torch.allclose(after, expected) and not torch.allclose(after, before)
+    # A pipeline folder's vae/ is found too.
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    pipeline.swap_vae(tiny_pipe, str(tmp_path / "pipe"), "tiny-random")
+
+
+def test_swap_vae_refuses_other_latents_unknown_names_and_other_models(tmp_path, tiny_pipe):
+    _perturbed_vae_folder(tiny_pipe, tmp_path / "wide", latent_channels=8)
+    with pytest.raises(pipeline.PipelineError, match="latent_channels is 8, the pipeline's is 4"):
+        pipeline.swap_vae(tiny_pipe, str(tmp_path / "wide"), "tiny-random")
+    _perturbed_vae_folder(tiny_pipe, tmp_path / "scaled", scaling_factor=0.5)
+    with pytest.raises(pipeline.PipelineError, match="scaling_factor"):
+        pipeline.swap_vae(tiny_pipe, str(tmp_path / "scaled"), "tiny-random")
+    with pytest.raises(pipeline.PipelineError, match="Did you mean 'shapes-vae-marked'"):
+        pipeline.swap_vae(tiny_pipe, "shapes-vae-marks", "tiny-random")
+    with pytest.raises(pipeline.PipelineError, match="made for the models shapes, not 'tiny-random'"):
+        pipeline.swap_vae(tiny_pipe, "shapes-vae-marked", "tiny-random")

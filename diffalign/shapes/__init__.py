@@ -21,7 +21,8 @@ Importing this package makes the world known to generic code, which never names 
 pipelines ``shapes`` and ``shapes-inpaint``, the prompt sets ``shapes-*`` (written for the
 ``shapes`` model, and ``tiny-random`` for tests), the three rewards, the contrast generator, the
 preference set ``shapes-prefs`` (generated into the cache on first use), the subject sets
-``shapes-similar-1`` ... ``shapes-dissimilar-3``, the D&C scorer ``shapes-exact`` and the ``shapes`` command. Registration imports nothing heavy; the names below (``parse``, ``detect``, ...) are
+``shapes-similar-1`` ... ``shapes-dissimilar-3``, the D&C scorer ``shapes-exact``, the VAE ``shapes-vae-marked`` (``marked_vae``: draws the subjects'
+markings, which the shipped VAE cannot) and the ``shapes`` command. Registration imports nothing heavy; the names below (``parse``, ``detect``, ...) are
 imported from their modules on first use.
 """
 
@@ -58,6 +59,12 @@ def _load_inpainting_pipeline(*, torch_dtype, seed: int):
     from diffalign.shapes import assets
 
     return assets.load_inpainting_pipeline(torch_dtype=torch_dtype)
+
+
+def _load_marked_vae(*, torch_dtype):
+    from diffalign.shapes import assets
+
+    return assets.load_marked_vae(torch_dtype=torch_dtype)
 
 
 def _subject_folders(pair: str):
@@ -133,7 +140,15 @@ for _pair in SUBJECT_PAIR_NAMES:
         models=MODELS,
         world="ShapesWorld",
         description=f"two marked shapes, {_kind} (4 references each, with masks)",
+        vae="shapes-vae-marked",  # the shipped VAE cannot draw markings (diffalign.shapes.marked_vae)
     )
+registry.register_vae(
+    "shapes-vae-marked",
+    _load_marked_vae,
+    models=MODELS[:1],
+    world="ShapesWorld",
+    description="the shapes VAE fine-tuned to draw marked shapes (MuDI subjects), same latent space",
+)
 registry.register_dnc_scorer(
     "shapes-exact",
     registry.lazy("diffalign.shapes.dnc:ShapesDnC"),

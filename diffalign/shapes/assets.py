@@ -24,11 +24,13 @@ PIPELINE_DIR = WEIGHTS / "pipeline"
 CLIP_DIR = WEIGHTS / "clip"
 INPAINT_UNET_DIR = WEIGHTS / "inpaint" / "unet"
 NEGCLIP_DIR = WEIGHTS / "negclip"
+MARKED_VAE_DIR = WEIGHTS / "vae-marked"
 REBUILD = (
     "diffalign shapes train --output <folder>  (then copy <folder>/pipeline and <folder>/clip into {weights})"
 )
 REBUILD_INPAINT = "diffalign shapes train-inpaint --output <folder> --install"
 REBUILD_NEGCLIP = "diffalign shapes train-negclip --output <folder> --install"
+REBUILD_MARKED_VAE = "diffalign shapes train-vae-marked --output <folder> --install"
 
 _PIPELINE_FILES = (
     "model_index.json",
@@ -43,7 +45,7 @@ _PIPELINE_FILES = (
 )
 _CLIP_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 _CLIP_WEIGHT_FILES = ("config.json", "model.safetensors")
-_UNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+_UNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")  # any diffusers model folder
 
 
 class ShapesWeightsError(DiffalignError, RuntimeError):
@@ -92,6 +94,16 @@ def load_clip(folder: Path = CLIP_DIR):
     _check(tokenizer_folder, _CLIP_FILES, rebuild)
     model = CLIPModel.from_pretrained(str(folder), dtype=torch.float32).eval()
     return model, CLIPTokenizer.from_pretrained(str(tokenizer_folder))
+
+
+def load_marked_vae(folder: Path | None = None, torch_dtype: torch.dtype = torch.float32):
+    """``shapes-vae-marked``: the shipped VAE fine-tuned to draw marked shapes in the same latent
+    space (``diffalign.shapes.marked_vae``), read from ``folder`` (default ``MARKED_VAE_DIR``)."""
+    from diffusers import AutoencoderKL
+
+    folder = MARKED_VAE_DIR if folder is None else folder
+    _check(folder, _UNET_FILES, REBUILD_MARKED_VAE)
+    return AutoencoderKL.from_pretrained(str(folder), **dtype_argument(torch_dtype)).eval()
 
 
 def load_inpainting_pipeline(

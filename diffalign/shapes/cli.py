@@ -32,6 +32,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         configure=configure_train_negclip,
     )
     actions.add_parser(
+        "train-vae-marked",
+        help="fine-tune the shipped ShapesWorld VAE to draw marked shapes (shapes-vae-marked, for MuDI)",
+        configure=configure_train_vae_marked,
+    )
+    actions.add_parser(
         "prefs",
         help="build (once, into the cache) or show the preference set shapes-prefs and its figures",
         configure=configure_prefs,
@@ -98,6 +103,42 @@ def configure_train_negclip(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as shipped)")
     add_dataclass_arguments(parser, NegClipConfig)
     parser.set_defaults(handler=train_negclip)
+
+
+def configure_train_vae_marked(parser: argparse.ArgumentParser) -> None:
+    from diffalign.shapes.marked_vae import MarkedVaeConfig
+
+    parser.description = (
+        "Fine-tunes the shipped VAE on marked and plain shapes, keeping plain shapes' latents where they were "
+        "(the UNet's latent space), and writes OUTPUT/vae and OUTPUT/training_report.json; --install makes it "
+        "the VAE shapes-vae-marked that ShapesWorld's subject sets draw with."
+    )
+    parser.add_argument(
+        "--output", "-o", required=True, help="a new folder for vae/ and training_report.json"
+    )
+    parser.add_argument("--install", action="store_true", help="copy the result into the package's weights")
+    parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as shipped)")
+    add_dataclass_arguments(parser, MarkedVaeConfig)
+    parser.set_defaults(handler=train_vae_marked)
+
+
+def train_vae_marked(args: argparse.Namespace) -> int:
+    from diffalign import outputs
+    from diffalign.shapes import assets, marked_vae
+
+    output = Path(args.output)
+    outputs.check_new_run_folder(output)
+    config = marked_vae.MarkedVaeConfig(**dataclass_values(args, marked_vae.MarkedVaeConfig))
+    report = marked_vae.train_marked_vae(config, output, fp16=not args.fp32)
+    print(
+        f"fine-tuned the ShapesWorld VAE on marked shapes into {output / 'vae'} ({report['train_seconds'] / 60:.1f} min)"
+    )
+    for name, value in report["after"].items():
+        print(f"  {name}: {report['before'].get(name, 0.0):.3f} -> {value:.3f}")
+    if args.install:
+        marked_vae.install(output / "vae")
+        print(f"installed {output / 'vae'} as shapes-vae-marked ({assets.MARKED_VAE_DIR})")
+    return 0
 
 
 def configure_prefs(parser: argparse.ArgumentParser) -> None:
