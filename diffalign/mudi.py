@@ -53,8 +53,12 @@ could not be retrieved offline (the official repository's inference notebook is 
 available here), so this is our form: the shift is *centred* per channel because what carries the
 layout is where the subjects differ from the background; a global per-channel offset would only tint
 the whole image and move the noise off the statistics the scheduler assumes. The default
-:data:`DEFAULT_GAMMA` = 1.0 makes the shift as large as the noise's standard deviation (SD's scaled
-latents have std ≈ 1); it is a starting point to tune per model, not the paper's value.
+:data:`DEFAULT_GAMMA` = 0.1 comes from the noise schedule: the forward process at the first sampled
+step t holds the clean latent at scale √ᾱ_t, 0.09 at t = 951 (DDIM, 20 steps, SD's scaled-linear
+betas, which ShapesWorld's pipeline shares), so γ ≈ 0.1 puts the layout where a real image of it
+would be; γ = 1 is ten times more, and the sampler then redraws the blurred composition itself.
+On ShapesWorld (docs/studies/mudi.md) γ = 0.1 neither helped nor hurt multi-subject success
+within the seeds' spread; tune it per model.
 
 Masks come from the user (``NAME.mask.png``) or, through :func:`ensure_masks`, from a text-prompted
 segmentation model (CLIPSeg, Lüddecke and Ecker 2022, via ``transformers``) prompted with the class
@@ -78,7 +82,7 @@ from diffalign.sampling import initial_latents
 from diffalign.subjects import SubjectError, SubjectImages
 
 SEGMIX_PROB = 0.3  # probability an example is a Seg-Mix composition (the official README's example)
-DEFAULT_GAMMA = 1.0  # strength of the mean shift; ours, see the module docstring
+DEFAULT_GAMMA = 0.1  # strength of the mean shift; ours, from the noise schedule (module docstring)
 SCALE_RANGE = (0.75, 1.0)  # fraction of the largest fitting size a subject is drawn at (official code)
 SHARE_FILL = 0.9  # a subject fills at most this much of its share, leaving room to place them apart
 MIN_SUBJECT_PX = 4  # shortest side of a placed subject: smaller and a 32-px subject is a dot

@@ -22,8 +22,9 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def _save(figure, path: str | Path) -> Path:
-    """Write ``figure`` as PNG (creating the folder) and free it."""
-    figure.tight_layout()
+    """Write ``figure`` as PNG (creating the folder) and free it; a suptitle keeps its own strip."""
+    top = 1 - 0.3 / figure.get_figheight() if figure.get_suptitle() else 1
+    figure.tight_layout(rect=(0, 0, 1, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
