@@ -11,6 +11,8 @@ it and the command that rebuilds it.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -125,3 +127,28 @@ def load_inpainting_pipeline(
         safety_checker=None,
         requires_safety_checker=False,
     )
+
+
+def write_fine_tune_report(
+    output: Path, config: dict, before: dict, after: dict, seconds: float, losses: list[float]
+) -> dict:
+    """Write ``output/training_report.json`` of a fine-tuning recipe (``shapes train-negclip``,
+    ``train-vae-marked``): its config, the figures before and after, seconds, threads and about a
+    hundred of its losses; returns the report."""
+    report = {
+        "config": config,
+        "before": before,
+        "after": after,
+        "train_seconds": seconds,
+        "torch_threads": torch.get_num_threads(),
+        "losses": losses[:: max(1, len(losses) // 100)],
+    }
+    (output / "training_report.json").write_text(json.dumps(report, indent=2), "utf-8")
+    return report
+
+
+def install_weights(source: Path, destination: Path, names: tuple[str, ...]) -> None:
+    """Copy a recipe's output files ``names`` from ``source`` into the package's ``destination``."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(source / name, destination / name)

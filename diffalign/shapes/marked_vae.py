@@ -26,8 +26,6 @@ with the defaults below; its figures are in ``docs/personalize.md``.
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -203,20 +201,9 @@ def train_marked_vae(
     folder = output / "vae"
     folder.mkdir(parents=True, exist_ok=True)
     vae.to(torch.float16 if fp16 else torch.float32).save_pretrained(folder, safe_serialization=True)
-    report = {
-        "config": asdict(config),
-        "before": before,
-        "after": after,
-        "train_seconds": seconds,
-        "torch_threads": torch.get_num_threads(),
-        "losses": losses[:: max(1, len(losses) // 100)],
-    }
-    (output / "training_report.json").write_text(json.dumps(report, indent=2), "utf-8")
-    return report
+    return assets.write_fine_tune_report(output, asdict(config), before, after, seconds, losses)
 
 
 def install(vae_folder: Path, destination: Path = assets.MARKED_VAE_DIR) -> None:
     """Copy a fine-tuned VAE's config and weights to where ``shapes-vae-marked`` reads them."""
-    destination.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-        shutil.copyfile(vae_folder / name, destination / name)
+    assets.install_weights(vae_folder, destination, ("config.json", "diffusion_pytorch_model.safetensors"))

@@ -39,8 +39,6 @@ caption outscores its converse, its colour swap, its other count, on fresh scene
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -229,21 +227,10 @@ def train_negclip(config: NegClipConfig, output: Path, fp16: bool = True, progre
     folder.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16 if fp16 else torch.float32).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    report = {
-        "config": asdict(config),
-        "before": before,
-        "after": after,
-        "train_seconds": seconds,
-        "torch_threads": torch.get_num_threads(),
-        "losses": losses[:: max(1, len(losses) // 100)],
-    }
-    (output / "training_report.json").write_text(json.dumps(report, indent=2), "utf-8")
-    return report
+    return assets.write_fine_tune_report(output, asdict(config), before, after, seconds, losses)
 
 
 def install(clip_folder: Path, destination: Path = assets.NEGCLIP_DIR) -> None:
     """Copy a fine-tuned CLIP's config and weights to where the reward ``shapes-negclip`` reads
     them (its tokenizer is the shipped CLIP's, so it is not copied)."""
-    destination.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copyfile(clip_folder / name, destination / name)
+    assets.install_weights(clip_folder, destination, ("config.json", "model.safetensors"))
