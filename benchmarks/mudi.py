@@ -320,7 +320,9 @@ def grids(runs: list[dict], images: dict, gamma: float, output: Path) -> list[Pa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, help="folder for mudi.json, mudi.png and the grids")
+    parser.add_argument(
+        "--output", default="results/mudi", help="folder for mudi.json, mudi.png and the grids"
+    )
     parser.add_argument(
         "--pairs", nargs="+", help="subject pairs (default: similar-k and dissimilar-k, k = seed + 1)"
     )
