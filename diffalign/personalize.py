@@ -452,7 +452,7 @@ def class_image_folder(config: PersonalizeConfig, class_word: str) -> Path:
         "seed": config.seed,
         "num_steps": prior.num_steps,
         "guidance_scale": prior.guidance_scale,
-        **({"vae": chosen_vae(config)} if chosen_vae(config) else {}),  # older keys stay valid
+        **({"vae": vae} if (vae := chosen_vae(config)) else {}),  # older keys stay valid
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     return outputs.cache_root() / "class-images" / key

@@ -26,7 +26,6 @@ Masks here follow diffusers (1 = repainted); ``diffalign.inpainting`` explains b
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -332,9 +331,7 @@ def export_pipeline(
 
 def install(unet_folder: Path, destination: Path = assets.INPAINT_UNET_DIR) -> None:
     """Copy a trained UNet (config and weights only) to where ``load("shapes-inpaint")`` reads it."""
-    destination.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
-        shutil.copy2(unet_folder / name, destination / name)
+    assets.install_weights(unet_folder, destination, ("config.json", "diffusion_pytorch_model.safetensors"))
 
 
 def blended_inpainting(base: StableDiffusionPipeline) -> StableDiffusionInpaintPipeline:
