@@ -25,6 +25,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 
 from diffalign.config import load_config
+from diffalign.families import Conditioning
 from diffalign.optim.alignprop import AlignProp
 from diffalign.sampling import encode_prompts
 from diffalign.shapes import assets
@@ -56,9 +57,9 @@ HELDOUT_ORACLE = "eval/shapes-heldout/shapes-oracle"
 class TextEncoderAlignProp(AlignProp):
     """AlignProp whose prompt embeddings carry gradient into the text encoder's adapter."""
 
-    def prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt_embeddings(self, prompts: list[str]) -> Conditioning:
         cond, uncond = encode_prompts(self.context.pipe, prompts, self.config.sample.negative_prompt)
-        return cond, uncond.detach()  # the empty prompt's embedding stays as the base model's
+        return Conditioning(cond, uncond.detach())  # the empty prompt's embedding stays as the base model's
 
 
 def add_text_encoder_lora(trainer: Trainer, rank: int, learning_rate: float, seed: int) -> int:

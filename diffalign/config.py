@@ -114,7 +114,7 @@ def doc(default: Any, help: str) -> Any:  # "help" reads best at the call sites
 
 @dataclass
 class LoraSection:
-    """How the UNet is made trainable."""
+    """How the denoiser (UNet or transformer) is made trainable."""
 
     enabled: bool = doc(True, "train a LoRA adapter (peft) instead of the full UNet")
     rank: int = doc(4, "LoRA rank; 4 is DDPO's choice for SD 1.x, enough for reward fine-tuning")
@@ -125,8 +125,9 @@ class LoraSection:
         "ddpo-pytorch and trl; the up-projection starts at 0 either way, so the model starts unchanged",
     )
     target_modules: list = doc(
-        ["to_q", "to_k", "to_v", "to_out.0"],
-        "UNet modules that get LoRA matrices (peft names; attention by default)",
+        [],
+        "modules that get LoRA matrices (peft names); empty = the model family's attention projections "
+        "(a UNet's to_q/to_k/to_v/to_out.0; an SD3 transformer's image and text streams, as Flow-GRPO)",
     )
 
     def validate(self, config: CommonConfig) -> None:

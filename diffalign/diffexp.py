@@ -30,6 +30,7 @@ import torch
 from compel import Compel
 from diffusers import StableDiffusionPipeline
 
+from diffalign import families
 from diffalign.config import DiffExpSection
 from diffalign.errors import DiffalignError
 
@@ -92,6 +93,11 @@ class DiffExp:
         self.section = section
         self.guidance_scale = guidance_scale
         self.num_steps = num_steps
+        if not families.of(pipe).supports_prompt_weighting:
+            raise ExplorationError(
+                f"DiffExp weights prompt phrases with compel, which reads Stable Diffusion 1.x/2.x text encoders; "
+                f"a {type(pipe).__name__} encodes with CLIP and T5 jointly. Use exploration=none on this model."
+            )
         self.compel = Compel(
             tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, truncate_long_prompts=True
         )

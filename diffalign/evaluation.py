@@ -15,10 +15,10 @@ import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 
-from diffalign import plots
+from diffalign import families, plots
 from diffalign import prompts as prompt_sets
 from diffalign.rewards import Reward, checked_call
-from diffalign.sampling import initial_latents, sample
+from diffalign.sampling import sample
 
 _EVAL_SEED_OFFSET = 12_345  # keeps evaluation noise apart from the training streams
 
@@ -58,7 +58,7 @@ class Evaluator:
             if name in self.prompts:  # two files with one stem
                 name = f"{name}-{len(self.prompts)}"
             self.prompts[name] = prompt_sets.draw(prompt_sets.load_prompts(spec), size, generator)
-        self.latents = initial_latents(pipe, size, generator).cpu()
+        self.latents = families.of(pipe).initial_latents(pipe, size, generator).cpu()
         self.rewards = rewards
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
@@ -80,7 +80,7 @@ class Evaluator:
                     num_steps=self.num_steps,
                     guidance_scale=self.guidance_scale,
                     eta=0.0,
-                    latents=self.latents[start : start + len(batch)].to(pipe.unet.device),
+                    latents=self.latents[start : start + len(batch)].to(families.denoiser(pipe).device),
                     negative_prompt=self.negative_prompt,
                 )
             chunks.append(trajectory.images)
@@ -91,8 +91,9 @@ class Evaluator:
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Per-image scores ``{prompt set: {reward: [size]}}`` of the current weights; the grid of the
         first set is written only when ``grid_epoch`` is given."""
-        was_training = pipe.unet.training
-        pipe.unet.eval()
+        denoiser = families.denoiser(pipe)
+        was_training = denoiser.training
+        denoiser.eval()
         scores: dict[str, dict[str, torch.Tensor]] = {}
         for index, (name, prompts) in enumerate(self.prompts.items()):
             images = self._images(pipe, prompts, accelerator)
@@ -110,7 +111,7 @@ class Evaluator:
                     title=f"epoch {grid_epoch} — {name}, {first} (mean of {len(prompts)}: "
                     f"{scores[name][first].mean().item():.3g})",
                 )
-        pipe.unet.train(was_training)
+        denoiser.train(was_training)
         return scores
 
     def run(self, pipe: StableDiffusionPipeline, epoch: int, accelerator: Accelerator) -> dict[str, float]:

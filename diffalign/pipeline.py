@@ -30,9 +30,6 @@ from diffalign import registry
 from diffalign.errors import DiffalignError
 from diffalign.tokenizer import clip_tokenizer
 
-# The attention projections of the UNet: the LoRA targets used by DDPO, AlignProp and diffusers' scripts.
-DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
 
 class PipelineError(DiffalignError, ValueError):
     """A pipeline could not be loaded or is unsuitable for diffalign."""
@@ -51,10 +48,9 @@ def builtin_names(kind: str | None = None) -> list[str]:
     return [entry.name for entry in registry.PIPELINES if kind is None or entry.kind == kind]
 
 
-def load(
-    spec: str, *, torch_dtype: torch.dtype = torch.float32, seed: int = 0
-) -> StableDiffusionPipeline | StableDiffusionInpaintPipeline:
-    """Return a ``StableDiffusionPipeline`` with a ``DDIMScheduler``.
+def load(spec: str, *, torch_dtype: torch.dtype = torch.float32, seed: int = 0) -> DiffusionPipeline:
+    """Return a pipeline ready for diffalign's samplers: a ``StableDiffusionPipeline`` with a
+    ``DDIMScheduler``, or a ``StableDiffusion3Pipeline`` (rectified flow, ``diffalign.flow``).
 
     ``spec`` is a built-in name (``tiny-random``: random weights from small configs, for tests
     and smoke runs, ``seed`` picks the weights; ``shapes``: the shipped ShapesWorld model, and
@@ -62,10 +58,39 @@ def load(
     that ``StableDiffusionInpaintPipeline``), a local pipeline folder, or a Hugging Face hub id
     already in the local cache (set ``HF_HUB_OFFLINE=1`` to forbid network look-ups).
     """
-    pipe = resolve(spec, StableDiffusionPipeline, torch_dtype=torch_dtype, seed=seed)
-    pipe.scheduler = _ddim_scheduler_for(pipe)
+    from diffalign import families
+
+    pipe = resolve(spec, pipeline_class_of(spec), torch_dtype=torch_dtype, seed=seed)
+    try:
+        families.of(pipe).prepare_scheduler(pipe)
+    except families.FamilyError as error:
+        raise PipelineError(f"{spec!r}: {error}") from error
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pipeline_class_of(spec: str) -> type:
+    """The diffusers pipeline class a folder or cached hub id declares in its ``model_index.json``
+    (``StableDiffusionPipeline`` when it declares none diffalign can load, or cannot be read)."""
+    import json
+
+    import diffusers
+
+    index = Path(spec).expanduser() / "model_index.json"
+    if not index.is_file() and "/" in spec and not looks_like_path(spec):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "model_index.json")
+        index = Path(cached) if isinstance(cached, str) else index
+    try:
+        name = json.loads(index.read_text("utf-8")).get("_class_name", "")
+    except (OSError, ValueError):
+        return StableDiffusionPipeline
+    cls = getattr(diffusers, str(name), None)
+    text_to_image = (
+        isinstance(cls, type) and issubclass(cls, DiffusionPipeline) and "Inpaint" not in cls.__name__
+    )
+    return cls if text_to_image else StableDiffusionPipeline
 
 
 def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
@@ -124,10 +149,13 @@ def from_pretrained(cls: type, spec: str, dtype: torch.dtype, *, kind: str | Non
             f"{spec!r} is a folder but not a diffusers pipeline: it has no model_index.json. "
             "Save one with `pipe.save_pretrained(folder)` or point at the folder that contains model_index.json."
         )
+    import inspect
+
+    # SD 1.x/2.x pipelines carry a safety checker diffalign never runs; other classes have none.
+    has_checker = "safety_checker" in inspect.signature(cls.__init__).parameters
+    extra = {"safety_checker": None, "requires_safety_checker": False} if has_checker else {}
     try:
-        return cls.from_pretrained(
-            spec, **dtype_argument(dtype), safety_checker=None, requires_safety_checker=False
-        )
+        return cls.from_pretrained(spec, **dtype_argument(dtype), **extra)
     except (OSError, ValueError) as error:
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         label = "inpainting" if kind == "inpainting" else "Stable Diffusion"
@@ -192,7 +220,7 @@ def swap_vae(pipe: StableDiffusionPipeline, spec: str, model: str) -> Autoencode
     return pipe.vae
 
 
-def _ddim_scheduler_for(pipe: StableDiffusionPipeline) -> DDIMScheduler:
+def ddim_scheduler_for(pipe: StableDiffusionPipeline) -> DDIMScheduler:
     """Turn the pipeline's scheduler into DDIM with the same noise schedule, or refuse."""
     scheduler = pipe.scheduler
     if isinstance(scheduler, DDIMScheduler):
@@ -284,14 +312,16 @@ def assemble(
 
 
 def add_lora(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     rank: int = 4,
     alpha: float | None = None,
-    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+    target_modules: tuple[str, ...] = (),
     init: str = "default",
 ) -> None:
-    """Attach a trainable LoRA adapter (peft) to the UNet and freeze everything else.
+    """Attach a trainable LoRA adapter (peft) to the denoiser (UNet or transformer), freeze the rest.
 
+    ``target_modules`` empty: the family's default (``DEFAULT_LORA_TARGETS`` on a UNet; the image
+    and text streams' attention projections on an SD3 transformer, as Flow-GRPO).
     Both inits set the up-projection B to zero, so right after this call the pipeline computes
     exactly what the base model does (DDPO's first ratio is 1, DPOK's KL is 0). They differ in
     the down-projection A: ``default`` is peft's Kaiming-uniform, ``gaussian`` is N(0, 1/rank²)
@@ -299,68 +329,84 @@ def add_lora(
     learning rate per entry whatever A is, so the weight change ΔW = (alpha/rank)·B·A scales
     with |A|: a larger A is the same as a larger ``alpha`` (or learning rate, to first order).
     """
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    pipe.unet.requires_grad_(False)
+    from diffalign import families
+
+    family = families.of(pipe)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
     init_lora_weights = {"default": True, "gaussian": "gaussian"}[init]
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha or rank,
-        target_modules=list(target_modules),
+        target_modules=list(target_modules or family.lora_targets),
         init_lora_weights=init_lora_weights,
     )
-    pipe.unet.add_adapter(config)
+    getattr(pipe, family.denoiser_name).add_adapter(config)
 
 
-def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The adapter weights of ``unet`` in peft's key format (``lora_A``/``lora_B``).
+def lora_state_dict(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter weights of ``denoiser`` (UNet or transformer) in peft's key format (``lora_A``/``lora_B``).
 
     diffusers loads this format for every module type. The older diffusers format
     (``convert_state_dict_to_diffusers``) renames only attention projections, so an adapter that
     also targets convolutions or feed-forward layers came out with mixed keys, and
     ``load_lora_weights`` then took the file for peft format and dropped every attention weight.
     """
-    return get_peft_model_state_dict(unet)
+    return get_peft_model_state_dict(denoiser)
 
 
-def lora_metadata(unet: UNet2DConditionModel) -> dict:
+def lora_metadata(denoiser: torch.nn.Module) -> dict:
     """The adapter's LoraConfig as diffusers stores it in the safetensors header.
 
     Without it a loader infers the rank from the weights and takes ``alpha = rank``, which is
     wrong for any adapter trained with another alpha.
     """
-    config = unet.peft_config["default"].to_dict()
+    config = denoiser.peft_config["default"].to_dict()
     return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
-def save_lora(unet: UNet2DConditionModel, folder: str | Path) -> None:
-    """Write the UNet's adapter so that ``pipe.load_lora_weights(folder)`` works in any diffusers program."""
-    StableDiffusionPipeline.save_lora_weights(
+def save_lora(denoiser: torch.nn.Module, folder: str | Path) -> None:
+    """Write the denoiser's adapter in diffusers' LoRA format, so that ``pipe.load_lora_weights(folder)``
+    works in any diffusers program (``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline``)."""
+    from diffalign import families
+
+    family = families.of_denoiser(denoiser)
+    family.pipeline_class.save_lora_weights(
         save_directory=str(folder),
-        unet_lora_layers=lora_state_dict(unet),
-        unet_lora_adapter_metadata=lora_metadata(unet),
+        **{
+            f"{family.denoiser_name}_lora_layers": lora_state_dict(denoiser),
+            f"{family.denoiser_name}_lora_adapter_metadata": lora_metadata(denoiser),
+        },
         safe_serialization=True,
     )
 
 
-def load_lora_into_adapter(unet: UNet2DConditionModel, folder: str | Path) -> None:
-    """Overwrite the UNet's existing trainable adapter with the weights saved in ``folder`` (resume).
+def load_lora_into_adapter(denoiser: torch.nn.Module, folder: str | Path) -> None:
+    """Overwrite the denoiser's existing trainable adapter with the weights saved in ``folder`` (resume).
 
     Reads both key formats: peft's, which :func:`save_lora` writes, and diffusers' older one,
     which checkpoints written before it used.
     """
-    state, _ = StableDiffusionPipeline.lora_state_dict(str(folder))
-    unet_state = {key.removeprefix("unet."): value for key, value in state.items() if key.startswith("unet.")}
+    from diffalign import families
+
+    family = families.of_denoiser(denoiser)
+    loaded = family.pipeline_class.lora_state_dict(str(folder))
+    state = loaded[0] if isinstance(loaded, tuple) else loaded
+    prefix = f"{family.denoiser_name}."
+    own = {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
     # The conversion renames old-format keys and leaves peft-format ones as they are.
-    result = set_peft_model_state_dict(
-        unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default"
-    )
+    result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(own), adapter_name="default")
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise PipelineError(f"LoRA in {folder} does not fit this UNet: unexpected keys {unexpected[:5]}")
+        raise PipelineError(
+            f"LoRA in {folder} does not fit this {family.denoiser_name}: unexpected keys {unexpected[:5]}"
+        )
     missing = [key for key in getattr(result, "missing_keys", []) if "lora_" in key]
     if missing:
-        raise PipelineError(f"LoRA in {folder} lacks weights this UNet's adapter has: {missing[:5]}")
+        raise PipelineError(
+            f"LoRA in {folder} lacks weights this {family.denoiser_name}'s adapter has: {missing[:5]}"
+        )
 
 
 def enable_memory_savers(
@@ -379,7 +425,9 @@ def enable_memory_savers(
     if attention_slicing:
         pipe.enable_attention_slicing()
     if gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        from diffalign import families
+
+        families.denoiser(pipe).enable_gradient_checkpointing()
 
 
 def _tiny_random(*, torch_dtype: torch.dtype, seed: int) -> StableDiffusionPipeline:
@@ -398,4 +446,17 @@ register(
     _tiny_random_inpaint,
     kind="inpainting",
     description="random weights, 9-channel inpainting UNet (tests)",
+)
+
+
+def _tiny_random_flow(*, torch_dtype: torch.dtype, seed: int) -> DiffusionPipeline:
+    from diffalign.flow import tiny_random_flow_pipeline
+
+    return tiny_random_flow_pipeline(seed=seed)
+
+
+register(
+    "tiny-random-flow",
+    _tiny_random_flow,
+    description="random weights, Stable Diffusion 3 classes (MM-DiT transformer, rectified flow; tests)",
 )

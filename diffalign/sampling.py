@@ -1,9 +1,11 @@
-"""DDIM sampling that records what policy-gradient methods need: every latent and log-prob.
+"""Sampling that records what policy-gradient methods need: every latent and log-prob.
 
 DDPO (Black et al. 2023) and DPOK (Fan et al. 2023) treat each DDIM step with η > 0 as a
 Gaussian policy p(x_{t-1} | x_t, c). ``ddim_step_with_logprob`` is the scheduler's own step
 plus the log-density of the step it took; ``sample`` runs a whole batch and returns a
-``Trajectory``, the one data type handed from sampling to every online optimizer.
+``Trajectory``, the one data type handed from sampling to every online optimizer. ``sample``
+works on every model family (``diffalign.families``): this module is the UNet/DDIM family,
+``diffalign.flow`` the rectified-flow SDE of Stable Diffusion 3-style models.
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from diffalign import families
+from diffalign.families import Conditioning
+
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+# The attention projections of the UNet: the LoRA targets used by DDPO, AlignProp and diffusers' scripts.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 logger = logging.getLogger(__name__)
 
 
@@ -37,8 +44,10 @@ class Trajectory:
     prompt_embeds: torch.Tensor  # [B, L, D] conditional text embeddings
     negative_prompt_embeds: torch.Tensor  # [B, L, D] unconditional embeddings for CFG
     guidance_scales: torch.Tensor  # [B, T] classifier-free guidance scale used at each step
-    eta: float
+    eta: float  # the sampler's noise level: DDIM's η, or the flow SDE's a (diffalign.flow)
     images: torch.Tensor  # [B, 3, H, W] decoded x_0 in [0, 1]
+    pooled_prompt_embeds: torch.Tensor | None = None  # [B, P] pooled text vectors (SD3-style models)
+    negative_pooled_prompt_embeds: torch.Tensor | None = None  # [B, P]
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -68,7 +77,7 @@ class Trajectory:
             items = [getattr(part, field.name) for part in parts]
             if field.name == "prompts":
                 values[field.name] = [prompt for item in items for prompt in item]
-            elif field.name in ("timesteps", "eta"):
+            elif field.name in ("timesteps", "eta") or items[0] is None:
                 values[field.name] = items[0]
             else:
                 values[field.name] = torch.cat(items)
@@ -304,9 +313,84 @@ def initial_latents(
     return latents * pipe.scheduler.init_noise_sigma
 
 
+class DDIMFamily:
+    """Stable Diffusion 1.x/2.x-style pipelines: a UNet predicting noise (or v), stepped by DDIM-η."""
+
+    name = "ddim"
+    denoiser_name = "unet"
+    sampler = "DDIM-η"
+    supports_prompt_weighting = True  # DiffExp's compel phrase weights
+    lora_targets = DEFAULT_LORA_TARGETS
+
+    denoiser_class = UNet2DConditionModel
+    pipeline_class = StableDiffusionPipeline
+
+    def matches(self, pipe) -> bool:
+        return isinstance(getattr(pipe, "unet", None), UNet2DConditionModel)
+
+    def prepare_scheduler(self, pipe) -> None:
+        """Turn the pipeline's scheduler into DDIM with the same noise schedule, or refuse."""
+        from diffalign.pipeline import ddim_scheduler_for
+
+        pipe.scheduler = ddim_scheduler_for(pipe)
+
+    def encode(self, pipe, prompts, negative_prompt: str = "") -> Conditioning:
+        return Conditioning(*encode_prompts(pipe, prompts, negative_prompt))
+
+    def initial_latents(self, pipe, batch_size: int, generator=None) -> torch.Tensor:
+        return initial_latents(pipe, batch_size, generator)
+
+    def set_timesteps(self, pipe, num_steps: int) -> torch.Tensor:
+        pipe.scheduler.set_timesteps(num_steps, device=pipe.unet.device)
+        return pipe.scheduler.timesteps
+
+    def predict(
+        self, denoiser, latents, timestep, conditioning: Conditioning, guidance_scale
+    ) -> torch.Tensor:
+        return guided_noise(
+            denoiser, latents, timestep, conditioning.embeds, conditioning.negative_embeds, guidance_scale
+        )
+
+    def transition(self, scheduler, prediction, step, latents, noise_level):
+        return ddim_posterior(
+            scheduler, prediction, _timestep_of(scheduler, step, latents), latents, noise_level
+        )
+
+    def step_with_logprob(
+        self, scheduler, prediction, step, latents, noise_level, prev_sample=None, generator=None
+    ):
+        return ddim_step_with_logprob(
+            scheduler,
+            prediction,
+            _timestep_of(scheduler, step, latents),
+            latents,
+            eta=noise_level,
+            prev_sample=prev_sample,
+            generator=generator,
+        )
+
+    def predict_clean(self, scheduler, prediction, step, latents) -> torch.Tensor:
+        timestep = _timestep_of(scheduler, step, latents)
+        clean, _ = predict_original(
+            scheduler, prediction, alpha_cumprod_at(scheduler, timestep, latents), latents
+        )
+        return clean
+
+    def decode(self, pipe, latents) -> torch.Tensor:
+        return decode_latents(pipe, latents)
+
+
+def _timestep_of(scheduler, step: int | torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The scheduler's timestep of step index ``step`` (scalar or ``[B]``), on ``latents``' device."""
+    return scheduler.timesteps.to(latents.device)[torch.as_tensor(step, device=latents.device).long()]
+
+
+DDIM_FAMILY = families.register(DDIMFamily())
+
+
 @torch.no_grad()
 def sample(
-    pipe: StableDiffusionPipeline,
+    pipe,
     prompts: Sequence[str],
     *,
     num_steps: int = 20,
@@ -318,8 +402,10 @@ def sample(
     prompt_embeds: torch.Tensor | None = None,
     stochastic_steps: tuple[int, int] | None = None,
 ) -> Trajectory:
-    """Sample one batch with DDIM-η and record the whole chain.
+    """Sample one batch with the pipeline family's stochastic sampler and record the whole chain.
 
+    A UNet pipeline samples with DDIM-η, a Stable Diffusion 3-style pipeline with the
+    rectified-flow SDE of ``diffalign.flow`` (``eta`` is then its noise level).
     ``guidance_scale`` is a number, or a ``[B, T]`` tensor of per-sample per-step scales
     (exploration schedules). ``prompt_embeds`` replaces the encoder's conditional embeddings
     (weighted prompts). With ``eta=0`` and the same ``latents`` this reproduces ``pipe(...)``.
@@ -328,13 +414,14 @@ def sample(
     arXiv 2507.21802), which confines the randomness a reward can be credited to. ``Trajectory.eta``
     is then the window's η.
     """
+    family = families.of(pipe)
+    denoiser = getattr(pipe, family.denoiser_name)
     batch = len(prompts)
-    device = pipe.unet.device
-    cond, uncond = encode_prompts(pipe, prompts, negative_prompt)
+    device = denoiser.device
+    conditioning = family.encode(pipe, prompts, negative_prompt)
     if prompt_embeds is not None:
-        cond = prompt_embeds.to(device=device, dtype=cond.dtype)
-    pipe.scheduler.set_timesteps(num_steps, device=device)
-    timesteps = pipe.scheduler.timesteps
+        conditioning.embeds = prompt_embeds.to(device=device, dtype=conditioning.embeds.dtype)
+    timesteps = family.set_timesteps(pipe, num_steps)
     scales = torch.as_tensor(guidance_scale, dtype=torch.float32, device=device)
     scales = scales.expand(batch, len(timesteps)) if scales.ndim == 0 else scales.to(device)
     if scales.shape != (batch, len(timesteps)):
@@ -342,19 +429,19 @@ def sample(
             f"guidance_scale must be a number or [{batch}, {len(timesteps)}], got {tuple(scales.shape)}"
         )
     if latents is None:
-        latents = initial_latents(pipe, batch, generator)
+        latents = family.initial_latents(pipe, batch, generator)
     all_latents = [latents]
     all_log_probs = []
     first, last = stochastic_steps if stochastic_steps is not None else (0, len(timesteps) - 1)
     for step, timestep in enumerate(timesteps):
-        model_input = pipe.scheduler.scale_model_input(latents, timestep)
-        noise_pred = guided_noise(pipe.unet, model_input, timestep, cond, uncond, scales[:, step])
-        latents, log_prob = ddim_step_with_logprob(
+        # (DDIM's and flow matching's schedulers do not scale the model input: no scale_model_input.)
+        prediction = family.predict(denoiser, latents, timestep, conditioning, scales[:, step])
+        latents, log_prob = family.step_with_logprob(
             pipe.scheduler,
-            noise_pred,
-            timestep,
+            prediction,
+            step,
             latents,
-            eta=eta if first <= step <= last else 0.0,
+            eta if first <= step <= last else 0.0,
             generator=generator,
         )
         all_latents.append(latents)
@@ -364,9 +451,11 @@ def sample(
         latents=torch.stack(all_latents, dim=1),
         log_probs=torch.stack(all_log_probs, dim=1),
         timesteps=timesteps.clone(),
-        prompt_embeds=cond,
-        negative_prompt_embeds=uncond,
+        prompt_embeds=conditioning.embeds,
+        negative_prompt_embeds=conditioning.negative_embeds,
         guidance_scales=scales.clone(),
         eta=eta,
-        images=decode_latents(pipe, latents),
+        images=family.decode(pipe, latents),
+        pooled_prompt_embeds=conditioning.pooled,
+        negative_pooled_prompt_embeds=conditioning.negative_pooled,
     )

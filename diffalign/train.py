@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from diffalign import checkpoint, optim, outputs, pipeline, plots, rewards
+from diffalign import checkpoint, families, optim, outputs, pipeline, plots, rewards
 from diffalign import prompts as prompt_sets
 from diffalign.config import TrainConfig, load_config, resume_changes
 from diffalign.diffexp import DiffExp
@@ -115,10 +115,12 @@ def build_context(config: TrainConfig, reward: rewards.Reward | None = None) -> 
             init=config.lora.init,
         )
     else:
-        pipe.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
-        pipe.unet.requires_grad_(True)
-    parameters = [p for p in pipe.unet.parameters() if p.requires_grad]
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False)
+        families.denoiser(pipe).requires_grad_(True)
+    denoiser = families.denoiser(pipe)
+    parameters = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         parameters,
         lr=config.train.learning_rate,
@@ -126,7 +128,7 @@ def build_context(config: TrainConfig, reward: rewards.Reward | None = None) -> 
         weight_decay=config.train.adam_weight_decay,
         eps=config.train.adam_epsilon,
     )
-    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    unet, optimizer = accelerator.prepare(denoiser, optimizer)
     reward = reward if reward is not None else rewards.build(config.reward, **config.reward_options)
     if isinstance(reward, torch.nn.Module):
         reward.to(accelerator.device)
@@ -235,7 +237,10 @@ class Trainer:
     def _restore(self, previous: Path, changes: dict[str, list]) -> None:
         config, accelerator = self.config, self.accelerator
         state = checkpoint.load(
-            previous, unet=self.pipe.unet, lora=config.lora.enabled, optimizer=self.context.optimizer
+            previous,
+            unet=families.denoiser(self.pipe),
+            lora=config.lora.enabled,
+            optimizer=self.context.optimizer,
         )
         self.epoch, self.history = state["epoch"], state["history"]
         self.method.load_state_dict(state["method"])
@@ -301,7 +306,7 @@ class Trainer:
             checkpoint.save(
                 self.checkpoints,
                 epoch=self.epoch,
-                unet=self.pipe.unet,
+                unet=families.denoiser(self.pipe),
                 lora=self.config.lora.enabled,
                 optimizer=self.context.optimizer,
                 trainer_state={"history": self.history, "num_processes": self.accelerator.num_processes},
@@ -317,9 +322,10 @@ class Trainer:
         if self.main:
             if config.lora.enabled:
                 lora_dir = self.output / "lora"
-                pipeline.save_lora(self.pipe.unet, lora_dir)
+                pipeline.save_lora(families.denoiser(self.pipe), lora_dir)
             else:
-                self.pipe.unet.save_pretrained(self.output / "unet")
+                family = families.of(self.pipe)
+                getattr(self.pipe, family.denoiser_name).save_pretrained(self.output / family.denoiser_name)
             eval_keys = sorted({key for record in self.history for key in record if key.startswith("eval/")})
             plots.save_curves(
                 self.history,

@@ -6,6 +6,7 @@ from accelerate import Accelerator
 
 from diffalign import pipeline
 from diffalign.config import ConfigError, load_config
+from diffalign.families import Conditioning
 from diffalign.optim.alignprop import AlignProp, GradientWindow, differentiable_sample
 from diffalign.optim.base import TrainContext
 from diffalign.sampling import encode_prompts, guided_noise, initial_latents
@@ -41,8 +42,7 @@ def _alignprop_grads(pipe, window_steps: int) -> tuple[dict, list[bool]]:
     )
     images = differentiable_sample(
         context,
-        cond,
-        uncond,
+        Conditioning(cond, uncond),
         torch.full((2, STEPS), 5.0),
         num_steps=STEPS,
         eta=0.0,

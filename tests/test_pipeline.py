@@ -40,7 +40,7 @@ def test_scheduler_without_ddim_schedule_is_refused(tiny_pipe):
 
     tiny_pipe.scheduler = FlowMatchEulerDiscreteScheduler()
     with pytest.raises(pipeline.PipelineError, match="DDIM"):
-        pipeline._ddim_scheduler_for(tiny_pipe)
+        pipeline.ddim_scheduler_for(tiny_pipe)
 
 
 def test_lora_starts_as_identity_and_loads_in_plain_diffusers(tiny_pipe_factory, tmp_path):

@@ -7,6 +7,7 @@ from accelerate import Accelerator
 from test_alignprop import PROMPTS, STEPS, _lora_grads, _lora_pipe
 
 from diffalign.config import ConfigError, load_config
+from diffalign.families import Conditioning
 from diffalign.optim.base import TrainContext
 from diffalign.optim.refl import ReFL, x0_at_step
 from diffalign.sampling import encode_prompts, guided_noise, initial_latents
@@ -23,8 +24,7 @@ def _refl_images(pipe, gradient_step: int):
     )
     images = x0_at_step(
         context,
-        cond,
-        uncond,
+        Conditioning(cond, uncond),
         torch.full((2, STEPS), 5.0),
         num_steps=STEPS,
         eta=ETA,

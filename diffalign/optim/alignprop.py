@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from diffalign import families
 from diffalign import prompts as prompt_sets
 from diffalign.config import ConfigError, doc
+from diffalign.families import Conditioning
 from diffalign.optim.base import (
     TrainContext,
     check_finite,
@@ -28,13 +30,6 @@ from diffalign.optim.base import (
     reward_metrics,
 )
 from diffalign.rewards import checked_call
-from diffalign.sampling import (
-    ddim_step_with_logprob,
-    decode_latents,
-    encode_prompts,
-    guided_noise,
-    initial_latents,
-)
 
 if TYPE_CHECKING:
     from diffalign.config import TrainConfig
@@ -66,8 +61,7 @@ class GradientWindow:
 
 def differentiable_sample(
     context: TrainContext,
-    prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor,
+    conditioning: Conditioning,
     guidance_scales: torch.Tensor,
     *,
     num_steps: int,
@@ -75,31 +69,31 @@ def differentiable_sample(
     window: GradientWindow,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Sample images ``[B, 3, H, W]`` in [0, 1] whose graph reaches the UNet only through the last steps.
+    """Sample images ``[B, 3, H, W]`` in [0, 1] whose graph reaches the denoiser only through the last steps.
 
-    ``guidance_scales  # [B, T]`` per sample and step (DiffExp schedules), embeddings ``[B, L, D]``.
+    ``guidance_scales  # [B, T]`` per sample and step (DiffExp schedules). Any model family: the
+    DDIM-η chain of a UNet, the flow SDE (ODE at η = 0) of an SD3-style transformer.
     """
-    pipe, unet = context.pipe, context.unet
+    pipe, denoiser = context.pipe, context.unet
+    family = families.of(pipe)
     scheduler = pipe.scheduler
-    scheduler.set_timesteps(num_steps, device=context.accelerator.device)
-    latents = initial_latents(pipe, prompt_embeds.shape[0], generator)
+    timesteps = family.set_timesteps(pipe, num_steps)
+    latents = family.initial_latents(pipe, conditioning.embeds.shape[0], generator)
     first_with_gradient = num_steps - window.steps
-    for step, timestep in enumerate(scheduler.timesteps):
+    for step, timestep in enumerate(timesteps):
         with torch.set_grad_enabled(step >= first_with_gradient):
 
             def predict(x: torch.Tensor, step: int = step, timestep: torch.Tensor = timestep) -> torch.Tensor:
-                return guided_noise(
-                    unet, x, timestep, prompt_embeds, negative_prompt_embeds, guidance_scales[:, step]
-                )
+                return family.predict(denoiser, x, timestep, conditioning, guidance_scales[:, step])
 
             if torch.is_grad_enabled() and window.checkpointed:
-                noise_pred = checkpoint(predict, latents, use_reentrant=False)
+                prediction = checkpoint(predict, latents, use_reentrant=False)
             else:
-                noise_pred = predict(latents)
-            latents, _ = ddim_step_with_logprob(
-                scheduler, noise_pred, timestep, latents, eta=eta, generator=generator
+                prediction = predict(latents)
+            latents, _ = family.step_with_logprob(
+                scheduler, prediction, step, latents, eta, generator=generator
             )
-    return decode_latents(pipe, latents)
+    return family.decode(pipe, latents)
 
 
 @register
@@ -144,8 +138,7 @@ class AlignProp:
 
     def sample_images(
         self,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        conditioning: Conditioning,
         scales: torch.Tensor,
         window: GradientWindow,
         generator: torch.Generator,
@@ -154,8 +147,7 @@ class AlignProp:
         sample_config = self.config.sample
         return differentiable_sample(
             self.context,
-            cond,
-            uncond,
+            conditioning,
             scales,
             num_steps=sample_config.num_steps,
             eta=sample_config.eta,
@@ -164,9 +156,10 @@ class AlignProp:
         )
 
     @torch.no_grad()
-    def prompt_embeddings(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cond, uncond)`` for a batch; without gradient, as the text encoder is frozen."""
-        return encode_prompts(self.context.pipe, prompts, self.config.sample.negative_prompt)
+    def prompt_embeddings(self, prompts: list[str]) -> Conditioning:
+        """The batch's text conditioning; without gradient, as the text encoders are frozen."""
+        pipe = self.context.pipe
+        return families.of(pipe).encode(pipe, prompts, self.config.sample.negative_prompt)
 
     def truncation(self, generator: torch.Generator) -> int:
         """K for the next update: fixed, or uniform on 1..truncation_steps."""
@@ -179,20 +172,23 @@ class AlignProp:
         config, context = self.config, self.context
         sample_config = config.sample
         rewards, losses, windows = [], [], []
-        context.pipe.unet.train()
+        families.denoiser(context.pipe).train()
         for _ in range(sample_config.num_batches_per_epoch):
             per_prompt = sample_config.images_per_prompt
             drawn = prompt_sets.draw(context.prompts, sample_config.batch_size // per_prompt, generator)
             prompts = [prompt for prompt in drawn for _ in range(per_prompt)]
-            cond, uncond = self.prompt_embeddings(prompts)
+            conditioning = self.prompt_embeddings(prompts)
             scales = torch.full((len(prompts), sample_config.num_steps), sample_config.guidance_scale)
             if context.exploration is not None:
                 explored = context.exploration.explore(prompts, generator)
-                scales, cond = explored.guidance_scales, explored.prompt_embeds.to(cond)
+                scales = explored.guidance_scales
+                conditioning.embeds = explored.prompt_embeds.to(conditioning.embeds)
             window = self.window(generator)
             with context.accelerator.accumulate(context.unet):
                 with context.accelerator.autocast():
-                    images = self.sample_images(cond, uncond, scales.to(cond.device), window, generator)
+                    images = self.sample_images(
+                        conditioning, scales.to(conditioning.embeds.device), window, generator
+                    )
                     scores = checked_call(context.reward, images, prompts)
                 loss = -self.reward_scale * scores.mean()
                 check_finite(loss, self.label)

@@ -21,11 +21,12 @@ import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 
+from diffalign import families
 from diffalign import prompts as prompt_sets
 from diffalign.errors import DiffalignError
 from diffalign.registry import suggestion
 from diffalign.rewards import Reward, checked_call
-from diffalign.sampling import Trajectory, initial_latents, sample
+from diffalign.sampling import Trajectory, sample
 
 if TYPE_CHECKING:
     from diffalign.config import TrainConfig
@@ -229,15 +230,18 @@ def collect_rollouts(
     (``benchmarks/gradient_snr.py``). ``stochastic_steps`` is ``sampling.sample``'s window.
     Returns the joined ``Trajectory`` and ``rewards  # [N] fp32`` of this process.
     """
-    context.pipe.unet.eval()
+    denoiser = families.denoiser(context.pipe)
+    denoiser.eval()
     trajectories, rewards = [], []
     for _ in range(num_batches):
         drawn = prompt_sets.draw(context.prompts, batch_size // images_per_prompt, generator)
         batch_prompts = [prompt for prompt in drawn for _ in range(images_per_prompt)]
         scales, embeds, latents = guidance_scale, None, None
         if shared_initial_noise:
-            latents = initial_latents(context.pipe, len(drawn), generator).repeat_interleave(
-                images_per_prompt, 0
+            latents = (
+                families.of(context.pipe)
+                .initial_latents(context.pipe, len(drawn), generator)
+                .repeat_interleave(images_per_prompt, 0)
             )
         if context.exploration is not None:
             explored = context.exploration.explore(batch_prompts, generator)
@@ -257,7 +261,7 @@ def collect_rollouts(
             )
         trajectories.append(trajectory)
         rewards.append(checked_call(context.reward, trajectory.images, batch_prompts))
-    context.pipe.unet.train()
+    denoiser.train()
     return Trajectory.concat(trajectories), torch.cat(rewards).to(context.accelerator.device)
 
 

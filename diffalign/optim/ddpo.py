@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from diffalign import families
 from diffalign.config import ConfigError, doc
 from diffalign.optim.base import (
     TrainContext,
@@ -31,7 +32,7 @@ from diffalign.optim.base import (
     sample_rollouts,
     stochastic_window,
 )
-from diffalign.sampling import Trajectory, ddim_step_with_logprob, guided_noise
+from diffalign.sampling import Trajectory
 
 if TYPE_CHECKING:
     from diffalign.config import TrainConfig
@@ -219,28 +220,28 @@ class DDPO:
             [candidates[torch.randperm(len(candidates), generator=generator)] for _ in range(count)]
         )
         trained = trained_steps(config)
+        family = families.of(context.pipe)
         scheduler = context.pipe.scheduler
-        scheduler.set_timesteps(config.sample.num_steps, device=context.accelerator.device)
+        family.set_timesteps(context.pipe, config.sample.num_steps)
         for start in range(0, count, config.train.batch_size):
             rows = torch.arange(start, min(start + config.train.batch_size, count))
             for position in range(trained):
                 step = step_order[rows, position]
                 with context.accelerator.accumulate(context.unet):
                     with context.accelerator.autocast():
-                        noise_pred = guided_noise(
+                        noise_pred = family.predict(
                             context.unet,
                             trajectory.latents[rows, step],
                             trajectory.timesteps[step],
-                            trajectory.prompt_embeds[rows],
-                            trajectory.negative_prompt_embeds[rows],
+                            families.conditioning_of(trajectory, rows),
                             trajectory.guidance_scales[rows, step],
                         )
-                    _, log_prob = ddim_step_with_logprob(
+                    _, log_prob = family.step_with_logprob(
                         scheduler,
                         noise_pred,
-                        trajectory.timesteps[step],
+                        step,
                         trajectory.latents[rows, step],
-                        eta=trajectory.eta,
+                        trajectory.eta,
                         prev_sample=trajectory.latents[rows, step + 1],
                     )
                     loss, step_stats = ppo_clip_loss(

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffalign import families
 from diffalign.config import ConfigError, doc
 from diffalign.optim.base import TrainContext, check_finite, clip_and_step, mean_over_processes, register
 from diffalign.optim.dpok import adapter_disabled
@@ -180,6 +181,12 @@ class DPO:
         self.config = config
         self.data: PreferenceData = open_preferences(config.data, model=config.model)
         pipe = context.pipe
+        if families.of(pipe).denoiser_name != "unet":
+            raise ConfigError(
+                f"dpo trains on ε/v-prediction denoising errors of a DDPM noise schedule; {config.model!r} is a "
+                f"{type(pipe).__name__} (rectified flow), whose flow-matching analogue diffalign does not implement "
+                "yet. Use a Stable Diffusion 1.x/2.x model, or an online method (grpo, ddpo, dpok, alignprop)."
+            )
         self.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
         # A full fine-tune has no adapter to switch off: keep the pre-trained UNet beside it.
         self.frozen = None

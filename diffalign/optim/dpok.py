@@ -28,6 +28,7 @@ import torch
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
+from diffalign import families
 from diffalign.config import ConfigError, doc
 from diffalign.optim.base import (
     TrainContext,
@@ -39,7 +40,7 @@ from diffalign.optim.base import (
     sample_rollouts,
 )
 from diffalign.optim.ddpo import ppo_clip_loss
-from diffalign.sampling import Trajectory, ddim_posterior, ddim_step_with_logprob, guided_noise
+from diffalign.sampling import Trajectory
 
 if TYPE_CHECKING:
     from diffalign.config import TrainConfig
@@ -182,8 +183,11 @@ class DPOK:
         self.config = config
         section = config.dpok
         pipe = context.pipe
+        family = families.of(pipe)
+        with torch.no_grad():  # the width of the text embeddings the denoiser reads
+            text_width = family.encode(pipe, [""], "").embeds.shape[-1]
         self.value = ValueNetwork(
-            pipe.unet.config.in_channels, pipe.text_encoder.config.hidden_size, section.value_width
+            families.denoiser(pipe).config.in_channels, text_width, section.value_width
         ).to(context.accelerator.device)
         self.value_optimizer = torch.optim.AdamW(self.value.parameters(), lr=section.value_learning_rate)
         self.buffer = ReplayBuffer(section.buffer_epochs)
@@ -244,35 +248,25 @@ class DPOK:
         latents, previous = batch.latents[rows, steps], batch.latents[rows, steps + 1]
         timesteps = batch.timesteps[steps]
         scales = batch.guidance_scales[rows, steps]
+        family = families.of(context.pipe)
         scheduler = context.pipe.scheduler
-        scheduler.set_timesteps(config.sample.num_steps, device=context.accelerator.device)
+        family.set_timesteps(context.pipe, config.sample.num_steps)
+        conditioning = families.conditioning_of(batch)
         with torch.no_grad():
             advantages = section.reward_weight * (
                 rewards - self.baseline(latents, timesteps, batch.prompt_embeds)
             )
-            with adapter_disabled(context.pipe.unet):
-                reference = guided_noise(
-                    context.pipe.unet,
-                    latents,
-                    timesteps,
-                    batch.prompt_embeds,
-                    batch.negative_prompt_embeds,
-                    scales,
+            with adapter_disabled(families.denoiser(context.pipe)):
+                reference = family.predict(
+                    families.denoiser(context.pipe), latents, timesteps, conditioning, scales
                 )
-            reference_mean, _ = ddim_posterior(scheduler, reference, timesteps, latents, eta=batch.eta)
+            reference_mean, _ = family.transition(scheduler, reference, steps, latents, batch.eta)
         with context.accelerator.accumulate(context.unet):
             with context.accelerator.autocast():
-                noise_pred = guided_noise(
-                    context.unet,
-                    latents,
-                    timesteps,
-                    batch.prompt_embeds,
-                    batch.negative_prompt_embeds,
-                    scales,
-                )
-            mean, std = ddim_posterior(scheduler, noise_pred, timesteps, latents, eta=batch.eta)
-            _, log_prob = ddim_step_with_logprob(
-                scheduler, noise_pred, timesteps, latents, eta=batch.eta, prev_sample=previous
+                noise_pred = family.predict(context.unet, latents, timesteps, conditioning, scales)
+            mean, std = family.transition(scheduler, noise_pred, steps, latents, batch.eta)
+            _, log_prob = family.step_with_logprob(
+                scheduler, noise_pred, steps, latents, batch.eta, prev_sample=previous
             )
             policy_loss, step_stats = ppo_clip_loss(
                 log_prob, batch.log_probs[rows, steps], advantages.float(), section.clip_range

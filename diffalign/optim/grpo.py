@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from diffalign import families
 from diffalign.config import ConfigError, doc
 from diffalign.optim.base import TrainContext, register
 from diffalign.optim.ddpo import DDPO
 from diffalign.optim.dpok import adapter_disabled, kl_to_reference
-from diffalign.sampling import Trajectory, ddim_posterior, guided_noise
+from diffalign.sampling import Trajectory
 
 if TYPE_CHECKING:
     from diffalign.config import TrainConfig
@@ -122,19 +123,19 @@ class GRPO(DDPO):
         if beta == 0:
             return {}
         context = self.context
+        family = families.of(context.pipe)
         latents, timesteps = trajectory.latents[rows, step], trajectory.timesteps[step]
-        with torch.no_grad(), adapter_disabled(context.pipe.unet), context.accelerator.autocast():
-            reference = guided_noise(
-                context.unet,
-                latents,
-                timesteps,
-                trajectory.prompt_embeds[rows],
-                trajectory.negative_prompt_embeds[rows],
-                trajectory.guidance_scales[rows, step],
+        conditioning = families.conditioning_of(trajectory, rows)
+        with (
+            torch.no_grad(),
+            adapter_disabled(families.denoiser(context.pipe)),
+            context.accelerator.autocast(),
+        ):
+            reference = family.predict(
+                context.unet, latents, timesteps, conditioning, trajectory.guidance_scales[rows, step]
             )
-        mean, std = ddim_posterior(context.pipe.scheduler, noise_pred, timesteps, latents, trajectory.eta)
-        reference_mean, _ = ddim_posterior(
-            context.pipe.scheduler, reference, timesteps, latents, trajectory.eta
-        )
+        scheduler = context.pipe.scheduler
+        mean, std = family.transition(scheduler, noise_pred, step, latents, trajectory.eta)
+        reference_mean, _ = family.transition(scheduler, reference, step, latents, trajectory.eta)
         kl = kl_to_reference(mean, reference_mean, std).mean()
         return {"kl_to_reference": beta * kl}

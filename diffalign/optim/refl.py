@@ -43,20 +43,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from diffalign import families
 from diffalign.config import ConfigError, doc
+from diffalign.families import Conditioning
 from diffalign.optim.alignprop import AlignProp, GradientWindow
 from diffalign.optim.base import register
-from diffalign.sampling import (
-    alpha_cumprod_at,
-    ddim_step_with_logprob,
-    decode_latents,
-    guided_noise,
-    initial_latents,
-    predict_original,
-)
 
 if TYPE_CHECKING:
     from diffalign.config import TrainConfig
+    from diffalign.optim.base import TrainContext
 
 
 @dataclass
@@ -76,9 +71,8 @@ class ReFLSection:
 
 
 def x0_at_step(
-    context,
-    prompt_embeds: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor,
+    context: TrainContext,
+    conditioning: Conditioning,
     guidance_scales: torch.Tensor,
     *,
     num_steps: int,
@@ -89,37 +83,31 @@ def x0_at_step(
 ) -> torch.Tensor:
     """Decoded one-step predictions ``[B, 3, H, W]`` in [0, 1] made at denoising step ``gradient_step``.
 
-    Steps ``0 .. gradient_step - 1`` run without gradient (DDIM-η, like training samples); the
-    UNet call at ``gradient_step`` carries the graph. ``guidance_scales  # [B, T]``.
+    Steps ``0 .. gradient_step - 1`` run without gradient (the family's stochastic sampler, like
+    training samples); the denoiser call at ``gradient_step`` carries the graph. ``guidance_scales  # [B, T]``.
+    On a flow model the one-step prediction is x̂_0 = x − s v (``diffalign.flow``).
     """
-    pipe, unet = context.pipe, context.unet
+    pipe, denoiser = context.pipe, context.unet
+    family = families.of(pipe)
     scheduler = pipe.scheduler
-    scheduler.set_timesteps(num_steps, device=context.accelerator.device)
-    latents = initial_latents(pipe, prompt_embeds.shape[0], generator)
-    timesteps = scheduler.timesteps
+    timesteps = family.set_timesteps(pipe, num_steps)
+    latents = family.initial_latents(pipe, conditioning.embeds.shape[0], generator)
     with torch.no_grad():
         for step in range(gradient_step):
-            noise = guided_noise(
-                unet,
-                latents,
-                timesteps[step],
-                prompt_embeds,
-                negative_prompt_embeds,
-                guidance_scales[:, step],
+            prediction = family.predict(
+                denoiser, latents, timesteps[step], conditioning, guidance_scales[:, step]
             )
-            latents, _ = ddim_step_with_logprob(
-                scheduler, noise, timesteps[step], latents, eta=eta, generator=generator
+            latents, _ = family.step_with_logprob(
+                scheduler, prediction, step, latents, eta, generator=generator
             )
     timestep = timesteps[gradient_step]
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        return guided_noise(
-            unet, x, timestep, prompt_embeds, negative_prompt_embeds, guidance_scales[:, gradient_step]
-        )
+        return family.predict(denoiser, x, timestep, conditioning, guidance_scales[:, gradient_step])
 
-    noise = checkpoint(predict, latents, use_reentrant=False) if checkpointed else predict(latents)
-    clean, _ = predict_original(scheduler, noise, alpha_cumprod_at(scheduler, timestep, latents), latents)
-    return decode_latents(pipe, clean.to(latents.dtype))
+    prediction = checkpoint(predict, latents, use_reentrant=False) if checkpointed else predict(latents)
+    clean = family.predict_clean(scheduler, prediction, gradient_step, latents)
+    return family.decode(pipe, clean.to(latents.dtype))
 
 
 @register
@@ -159,8 +147,7 @@ class ReFL(AlignProp):
 
     def sample_images(
         self,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        conditioning: Conditioning,
         scales: torch.Tensor,
         window: GradientWindow,
         generator: torch.Generator,
@@ -168,8 +155,7 @@ class ReFL(AlignProp):
         sample_config = self.config.sample
         return x0_at_step(
             self.context,
-            cond,
-            uncond,
+            conditioning,
             scales,
             num_steps=sample_config.num_steps,
             eta=sample_config.eta,
