@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from diffalign import pipeline, plots
-from diffalign.sampling import initial_latents, sample
+from diffalign import families
+from diffalign.sampling import sample
 from diffalign.shapes import correct, parse, render, scene_for, score
 from diffalign.shapes.grammar import KINDS
 from diffalign.shapes.splits import prompts as split_prompts
@@ -41,7 +42,7 @@ def generate(
 ) -> torch.Tensor:
     """Deterministic (η = 0) generations from seeded noise, ``[N, 3, H, W]`` in [0, 1]."""
     generator = torch.Generator().manual_seed(seed)
-    latents = initial_latents(pipe, len(prompts), generator)
+    latents = families.of(pipe).initial_latents(pipe, len(prompts), generator)
     images = []
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
@@ -93,7 +94,6 @@ def run(
     """Oracle scores of ``model``'s images per split and kind; written as JSON to ``output`` and
     sample grids into ``grids`` when they are given (``main``: ``./results/shapes_quality/``)."""
     pipe = pipeline.load(model)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     result: dict = {"model": model, "per_cell": per_cell, "steps": steps, "seed": seed, "by_guidance": {}}
     for guidance in guidances:
         cells = {}
@@ -109,6 +109,7 @@ def run(
                 }
                 if grids is not None and guidance == guidances[0]:
                     shown = 8
+                    size = images.shape[-1]
                     side_by_side = torch.stack([renders(prompts[:shown], seed, size), images[:shown]], dim=1)
                     captions = [f"{label}: {p}" for p in prompts[:shown] for label in ("render", "model")]
                     plots.save_grid(

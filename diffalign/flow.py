@@ -292,8 +292,7 @@ def tiny_random_flow_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=32,
-        shift_factor=0.0,
-        scaling_factor=1.0,
+        shift_factor=0.0,  # SD3's VAE config has one; the pipeline adds it when decoding
     )
 
     def text_encoder() -> CLIPTextModelWithProjection:

@@ -154,6 +154,9 @@ def from_pretrained(cls: type, spec: str, dtype: torch.dtype, *, kind: str | Non
     # SD 1.x/2.x pipelines carry a safety checker diffalign never runs; other classes have none.
     has_checker = "safety_checker" in inspect.signature(cls.__init__).parameters
     extra = {"safety_checker": None, "requires_safety_checker": False} if has_checker else {}
+    # Components saved as absent ([null, null], e.g. SD3 without its T5 encoder) are passed as None,
+    # as diffusers asks (``from_pretrained(..., text_encoder_3=None, tokenizer_3=None)``).
+    extra.update(dict.fromkeys(absent_components(spec)))
     try:
         return cls.from_pretrained(spec, **dtype_argument(dtype), **extra)
     except (OSError, ValueError) as error:
@@ -165,6 +168,20 @@ def from_pretrained(cls: type, spec: str, dtype: torch.dtype, *, kind: str | Non
             f"    huggingface-cli download {spec} --local-dir <folder>\n"
             "then pass that folder (or copy the Hugging Face cache and set HF_HUB_OFFLINE=1)."
         ) from error
+
+
+def absent_components(spec: str) -> list[str]:
+    """The components a pipeline folder's ``model_index.json`` records as absent (``[null, null]``)."""
+    import json
+
+    index = Path(spec).expanduser() / "model_index.json"
+    if not index.is_file():
+        return []
+    try:
+        entries = json.loads(index.read_text("utf-8"))
+    except ValueError:
+        return []
+    return [key for key, value in entries.items() if value == [None, None] and not key.startswith("_")]
 
 
 def swap_vae(pipe: StableDiffusionPipeline, spec: str, model: str) -> AutoencoderKL:

@@ -42,7 +42,7 @@ PROMPT_SETS: dict[str, tuple[str, str]] = {
     "shapes-relation": ("train", "relation"),
 }
 # Models that draw ShapesWorld: the shipped one, and the random test model of the same latent size.
-MODELS = ("shapes", "tiny-random")
+MODELS = ("shapes", "shapes-flow", "tiny-random", "tiny-random-flow")
 # The keys of ``identities.SUBJECT_PAIRS``, registered as subject sets ``shapes-<pair>``; kept here so that
 # registering them imports no numpy (a test checks the two agree). Similar pairs first: with no subjects
 # given, ``diffalign personalize`` takes the first set, and a similar pair is where identities mix.
@@ -53,6 +53,12 @@ def _load_pipeline(*, torch_dtype, seed: int):
     from diffalign.shapes import assets
 
     return assets.load_pipeline(torch_dtype=torch_dtype)  # trained weights: the seed picks nothing
+
+
+def _load_flow_pipeline(*, torch_dtype, seed: int):
+    from diffalign.shapes import assets
+
+    return assets.load_flow_pipeline(torch_dtype=torch_dtype)
 
 
 def _load_inpainting_pipeline(*, torch_dtype, seed: int):
@@ -87,6 +93,11 @@ def _prompt_set(name: str):
 
 registry.register_pipeline(
     "shapes", _load_pipeline, description="the shipped ShapesWorld Stable Diffusion pipeline (32x32 images)"
+)
+registry.register_pipeline(
+    "shapes-flow",
+    _load_flow_pipeline,
+    description="the shipped ShapesWorld Stable Diffusion 3-style pipeline (MM-DiT, rectified flow; 32x32 images)",
 )
 registry.register_pipeline(
     "shapes-inpaint",

@@ -27,12 +27,14 @@ CLIP_DIR = WEIGHTS / "clip"
 INPAINT_UNET_DIR = WEIGHTS / "inpaint" / "unet"
 NEGCLIP_DIR = WEIGHTS / "negclip"
 MARKED_VAE_DIR = WEIGHTS / "vae-marked"
+FLOW_DIR = WEIGHTS / "flow"
 REBUILD = (
     "diffalign shapes train --output <folder>  (then copy <folder>/pipeline and <folder>/clip into {weights})"
 )
 REBUILD_INPAINT = "diffalign shapes train-inpaint --output <folder> --install"
 REBUILD_NEGCLIP = "diffalign shapes train-negclip --output <folder> --install"
 REBUILD_MARKED_VAE = "diffalign shapes train-vae-marked --output <folder> --install"
+REBUILD_FLOW = "diffalign shapes train-flow --output <folder> --install"
 
 _PIPELINE_FILES = (
     "model_index.json",
@@ -44,6 +46,20 @@ _PIPELINE_FILES = (
     "vae/diffusion_pytorch_model.safetensors",
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
+)
+_FLOW_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer_2/tokenizer_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
 )
 _CLIP_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 _CLIP_WEIGHT_FILES = ("config.json", "model.safetensors")
@@ -82,6 +98,23 @@ def load_pipeline(folder: Path = PIPELINE_DIR, torch_dtype: torch.dtype = torch.
     return StableDiffusionPipeline.from_pretrained(
         str(folder), **dtype_argument(torch_dtype), safety_checker=None, requires_safety_checker=False
     )
+
+
+def load_flow_pipeline(folder: Path | None = None, torch_dtype: torch.dtype = torch.float32):
+    """``shapes-flow``: the ShapesWorld ``StableDiffusion3Pipeline`` (``diffalign.shapes.flow_model``),
+    read from ``folder`` (default ``FLOW_DIR``), with the T5 slot length it was trained with."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffalign.flow import SEQUENCE_LENGTH_ATTRIBUTE
+    from diffalign.shapes.flow_model import MAX_SEQUENCE_LENGTH
+
+    folder = FLOW_DIR if folder is None else folder
+    _check(folder, _FLOW_FILES, REBUILD_FLOW)
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        str(folder), **dtype_argument(torch_dtype), text_encoder_3=None, tokenizer_3=None
+    )
+    setattr(pipe, SEQUENCE_LENGTH_ATTRIBUTE, MAX_SEQUENCE_LENGTH)
+    return pipe
 
 
 def load_clip(folder: Path = CLIP_DIR):

@@ -37,6 +37,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         configure=configure_train_vae_marked,
     )
     actions.add_parser(
+        "train-flow",
+        help="train the Stable Diffusion 3-style ShapesWorld model (shapes-flow) with rectified flow matching",
+        configure=configure_train_flow,
+    )
+    actions.add_parser(
         "prefs",
         help="build (once, into the cache) or show the preference set shapes-prefs and its figures",
         configure=configure_prefs,
@@ -138,6 +143,40 @@ def train_vae_marked(args: argparse.Namespace) -> int:
     if args.install:
         marked_vae.install(output / "vae")
         print(f"installed {output / 'vae'} as shapes-vae-marked ({assets.MARKED_VAE_DIR})")
+    return 0
+
+
+def configure_train_flow(parser: argparse.ArgumentParser) -> None:
+    from diffalign.shapes.flow_model import FlowTrainingConfig
+
+    parser.description = (
+        "Trains an MM-DiT transformer with rectified flow matching on ShapesWorld scenes, with the shipped VAE "
+        "and the ShapesWorld CLIP and NegCLIP text towers as its two text encoders, and writes OUTPUT/pipeline "
+        "(a StableDiffusion3Pipeline folder) and OUTPUT/training_report.json; --install makes it the model "
+        "shapes-flow. About 25 minutes on 2 CPU cores with the defaults (the shipped weights)."
+    )
+    parser.add_argument("--output", "-o", required=True, help="a new folder for pipeline/ and training_report.json")
+    parser.add_argument("--install", action="store_true", help="copy the result into the package's weights")
+    parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as shipped)")
+    add_dataclass_arguments(parser, FlowTrainingConfig)
+    parser.set_defaults(handler=train_flow)
+
+
+def train_flow(args: argparse.Namespace) -> int:
+    from diffalign import outputs
+    from diffalign.shapes import assets, flow_model
+
+    output = Path(args.output)
+    outputs.check_new_run_folder(output)
+    config = flow_model.FlowTrainingConfig(**dataclass_values(args, flow_model.FlowTrainingConfig))
+    report = flow_model.train_flow_model(config, output, fp16=not args.fp32)
+    print(
+        f"trained the ShapesWorld flow model into {output / 'pipeline'} ({report['train_seconds'] / 60:.1f} min, "
+        f"final loss {report['losses'][-1]:.4f})"
+    )
+    if args.install:
+        flow_model.install(output / "pipeline")
+        print(f"installed {output / 'pipeline'} as the model shapes-flow ({assets.FLOW_DIR})")
     return 0
 
 
