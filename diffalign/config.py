@@ -116,7 +116,7 @@ def doc(default: Any, help: str) -> Any:  # "help" reads best at the call sites
 class LoraSection:
     """How the denoiser (UNet or transformer) is made trainable."""
 
-    enabled: bool = doc(True, "train a LoRA adapter (peft) instead of the full UNet")
+    enabled: bool = doc(True, "train a LoRA adapter (peft) instead of the whole UNet or transformer")
     rank: int = doc(4, "LoRA rank; 4 is DDPO's choice for SD 1.x, enough for reward fine-tuning")
     alpha: float = doc(4.0, "LoRA scale numerator (effective scale alpha/rank)")
     init: str = doc(
@@ -144,7 +144,11 @@ class SampleSection:
     """Online sampling: how the images that get rewarded are drawn."""
 
     num_steps: int = doc(20, "DDIM steps per image (DDPO used 50 on SD; 20 keeps CPU runs short)")
-    eta: float = doc(1.0, "DDIM eta; must be > 0 for policy-gradient methods (the step must be stochastic)")
+    eta: float = doc(
+        1.0,
+        "DDIM eta, or a flow model's SDE noise level; must be > 0 for policy-gradient methods (the step must be "
+        "stochastic)",
+    )
     guidance_scale: float = doc(5.0, "classifier-free guidance scale")
     negative_prompt: str = doc("", "unconditional prompt for classifier-free guidance")
     batch_size: int = doc(16, "images per sampling batch on each process")

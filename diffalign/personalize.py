@@ -56,7 +56,7 @@ import torch
 import yaml
 from PIL import Image
 
-from diffalign import checkpoint, outputs, registry
+from diffalign import checkpoint, families, outputs, registry
 from diffalign.config import (
     MIXED_PRECISION,
     ConfigError,
@@ -575,6 +575,12 @@ class Personalizer:
         )
         self.main = accelerator.is_main_process
         pipe = self.pipe = pipeline.load(config.model, seed=config.seed)
+        if families.of(pipe).denoiser_name != "unet":
+            raise ConfigError(
+                f"personalisation trains a UNet with DreamBooth's noise-prediction loss; {config.model!r} is a "
+                f"{type(pipe).__name__} (rectified flow), which diffalign personalize does not train. Use a "
+                "Stable Diffusion 1.x/2.x model (shapes, or a local folder)."
+            )
         self.vae = chosen_vae(config)
         if self.vae:
             pipeline.swap_vae(pipe, self.vae, config.model)
