@@ -51,7 +51,8 @@ def test_a_quick_run_trains_the_flow_model_to_its_budget(tmp_path, capsys):
     assert flow_grpo.main(args) == 0
     result = json.loads((tmp_path / "flow_grpo.json").read_text())
     (run,) = result["runs"]
-    assert run["variant"] == "grpo-flow/oracle" and len(run["queries"]) == 3  # the base and 2 evaluations
+    # The base, then an evaluation whenever an epoch crosses a mark (one epoch may cross both).
+    assert run["variant"] == "grpo-flow/oracle" and 2 <= len(run["queries"]) <= 3
     assert run["cpu_seconds"][-1] >= 0.2 * 60 and run["queries"][-1] > 0
     assert all(0 <= value <= 1 for value in run["curves"][flow_grpo.TRAIN_ORACLE])
     assert (tmp_path / "flow_grpo.png").is_file() and "grpo-flow/oracle" in capsys.readouterr().out

@@ -50,7 +50,7 @@ def test_shapes_flow_loads_by_name_and_with_plain_diffusers():
     pipe = pipeline.load("shapes-flow")
     assert isinstance(pipe, StableDiffusion3Pipeline) and families.of(pipe).denoiser_name == "transformer"
     plain = StableDiffusion3Pipeline.from_pretrained(
-        str(assets.FLOW_DIR), text_encoder_3=None, tokenizer_3=None
+        str(assets.FLOW_DIR), text_encoder_3=None, tokenizer_3=None, **pipeline.dtype_argument(torch.float32)
     )
     latents = families.of(pipe).initial_latents(pipe, 2, torch.Generator().manual_seed(0))
     ours = sample(pipe, PROMPTS, num_steps=8, guidance_scale=5.0, eta=0.0, latents=latents)
