@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffalign import pipeline, plots
-from diffalign import families
+from diffalign import families, pipeline, plots
 from diffalign.sampling import sample
 from diffalign.shapes import correct, parse, render, scene_for, score
 from diffalign.shapes.grammar import KINDS

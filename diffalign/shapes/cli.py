@@ -155,7 +155,9 @@ def configure_train_flow(parser: argparse.ArgumentParser) -> None:
         "(a StableDiffusion3Pipeline folder) and OUTPUT/training_report.json; --install makes it the model "
         "shapes-flow. About 25 minutes on 2 CPU cores with the defaults (the shipped weights)."
     )
-    parser.add_argument("--output", "-o", required=True, help="a new folder for pipeline/ and training_report.json")
+    parser.add_argument(
+        "--output", "-o", required=True, help="a new folder for pipeline/ and training_report.json"
+    )
     parser.add_argument("--install", action="store_true", help="copy the result into the package's weights")
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default fp16, as shipped)")
     add_dataclass_arguments(parser, FlowTrainingConfig)

@@ -207,10 +207,14 @@ def train_flow_model(config: FlowTrainingConfig, output: Path, fp16: bool = True
     started = time.perf_counter()
     pipe = build_untrained(config.seed)
     data = render_dataset(config.dataset_size, config.seed)
-    transformer, losses = train_transformer(pipe, data, config, torch.Generator().manual_seed(config.seed + 3))
+    transformer, losses = train_transformer(
+        pipe, data, config, torch.Generator().manual_seed(config.seed + 3)
+    )
     seconds = time.perf_counter() - started
     output.mkdir(parents=True, exist_ok=True)
-    pipe.to(torch.float16 if fp16 else torch.float32).save_pretrained(output / "pipeline", safe_serialization=True)
+    pipe.to(torch.float16 if fp16 else torch.float32).save_pretrained(
+        output / "pipeline", safe_serialization=True
+    )
     report = {
         "config": asdict(config),
         "train_seconds": seconds,
