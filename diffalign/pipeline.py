@@ -69,12 +69,10 @@ def load(spec: str, *, torch_dtype: torch.dtype = torch.float32, seed: int = 0) 
     return pipe
 
 
-def pipeline_class_of(spec: str) -> type:
-    """The diffusers pipeline class a folder or cached hub id declares in its ``model_index.json``
-    (``StableDiffusionPipeline`` when it declares none diffalign can load, or cannot be read)."""
+def model_index(spec: str) -> dict:
+    """The ``model_index.json`` of a pipeline folder or of a hub id in the local cache ({} when
+    there is none or it cannot be read): the one place both are looked up."""
     import json
-
-    import diffusers
 
     index = Path(spec).expanduser() / "model_index.json"
     if not index.is_file() and "/" in spec and not looks_like_path(spec):
@@ -83,10 +81,18 @@ def pipeline_class_of(spec: str) -> type:
         cached = try_to_load_from_cache(spec, "model_index.json")
         index = Path(cached) if isinstance(cached, str) else index
     try:
-        name = json.loads(index.read_text("utf-8")).get("_class_name", "")
+        entries = json.loads(index.read_text("utf-8"))
     except (OSError, ValueError):
-        return StableDiffusionPipeline
-    cls = getattr(diffusers, str(name), None)
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def pipeline_class_of(spec: str) -> type:
+    """The diffusers pipeline class a folder or cached hub id declares in its ``model_index.json``
+    (``StableDiffusionPipeline`` when it declares none diffalign can load, or cannot be read)."""
+    import diffusers
+
+    cls = getattr(diffusers, str(model_index(spec).get("_class_name", "")), None)
     text_to_image = (
         isinstance(cls, type) and issubclass(cls, DiffusionPipeline) and "Inpaint" not in cls.__name__
     )
@@ -171,16 +177,8 @@ def from_pretrained(cls: type, spec: str, dtype: torch.dtype, *, kind: str | Non
 
 
 def absent_components(spec: str) -> list[str]:
-    """The components a pipeline folder's ``model_index.json`` records as absent (``[null, null]``)."""
-    import json
-
-    index = Path(spec).expanduser() / "model_index.json"
-    if not index.is_file():
-        return []
-    try:
-        entries = json.loads(index.read_text("utf-8"))
-    except ValueError:
-        return []
+    """The components a pipeline's ``model_index.json`` records as absent (``[null, null]``)."""
+    entries = model_index(spec)
     return [key for key, value in entries.items() if value == [None, None] and not key.startswith("_")]
 
 
