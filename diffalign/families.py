@@ -2,7 +2,7 @@
 
 Stable Diffusion 1.x/2.x is a UNet predicting noise, stepped by DDIM-η (``diffalign.sampling``);
 Stable Diffusion 3 is a transformer predicting a rectified-flow velocity, stepped by the SDE of
-``diffalign.flow``. Both are Gaussian policies per step, so DDPO, DPOK, GRPO and AlignProp are
+``diffalign.flow``. Both are Gaussian policies per step, so DDPO, DPOK, GRPO, AlignProp and ReFL are
 written once against the ``Family`` contract below and run on either. A family registers itself
 with ``register`` when its module is imported; ``of(pipe)`` finds the one a pipeline belongs to,
 and generic code never names one. A FLUX family would be one more module implementing the same
@@ -117,6 +117,33 @@ class Family(Protocol):
     ) -> torch.Tensor: ...
 
     def decode(self, pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor: ...
+
+    # The denoising objective the model was pre-trained with, which Diffusion-DPO compares model
+    # and reference on: noise clean latents at timesteps from the training distribution, predict
+    # the target without guidance.
+
+    def training_timesteps(
+        self, pipe: DiffusionPipeline, count: int, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``count`` timesteps ``[count]`` (in the denoiser's units, on the CPU) drawn with ``generator``
+        from the family's training distribution."""
+        ...
+
+    def noised(
+        self, pipe: DiffusionPipeline, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``clean`` latents noised with ``noise`` at ``timesteps``, and the regression target there."""
+        ...
+
+    def denoise(
+        self,
+        denoiser: torch.nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: Conditioning,
+    ) -> torch.Tensor:
+        """The conditional prediction (no classifier-free guidance) at ``timesteps  # [B]``."""
+        ...
 
 
 _FAMILIES: list[Family] = []

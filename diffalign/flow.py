@@ -55,6 +55,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffalign import families
 from diffalign.families import Conditioning
+from diffalign.sampling import quiet_truncation_warnings, warn_long_prompts
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 # diffusers' default length of SD3's T5 slot, which is zeros when the pipeline has no T5 encoder.
@@ -149,6 +150,36 @@ def max_sequence_length(pipe: StableDiffusion3Pipeline) -> int:
     return getattr(pipe, SEQUENCE_LENGTH_ATTRIBUTE, DEFAULT_MAX_SEQUENCE_LENGTH)
 
 
+def dynamic_shift(pipe: StableDiffusion3Pipeline) -> float | None:
+    """The resolution-dependent shift μ ``pipe(...)`` computes when the scheduler shifts dynamically
+    (None when it has a fixed ``shift``)."""
+    scheduler = pipe.scheduler
+    if not scheduler.config.get("use_dynamic_shifting", None):
+        return None
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    config = pipe.transformer.config
+    tokens = (config.sample_size // config.patch_size) ** 2
+    return calculate_shift(
+        tokens,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.16),
+    )
+
+
+def shifted_sigmas(pipe: StableDiffusion3Pipeline, sigmas: torch.Tensor) -> torch.Tensor:
+    """Noise levels ``sigmas`` in [0, 1] moved by the scheduler's shift as its sampling schedule is:
+    s ↦ k s / (1 + (k − 1) s) for a fixed shift k, the scheduler's ``time_shift`` for a dynamic one."""
+    scheduler = pipe.scheduler
+    mu = dynamic_shift(pipe)
+    if mu is not None:
+        return scheduler.time_shift(mu, 1.0, sigmas)
+    shift = scheduler.config.shift
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
 class FlowFamily:
     """Stable Diffusion 3-style pipelines: an MM-DiT transformer predicting rectified-flow velocity."""
 
@@ -173,17 +204,18 @@ class FlowFamily:
             )
 
     def encode(self, pipe, prompts, negative_prompt: str = "") -> Conditioning:
-        device = pipe.transformer.device
-        cond, uncond, pooled, negative_pooled = pipe.encode_prompt(
-            list(prompts),
-            None,
-            None,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=[negative_prompt] * len(prompts),
-            max_sequence_length=max_sequence_length(pipe),
-        )
+        warn_long_prompts(pipe, [*prompts, negative_prompt])  # once per prompt, not at every call
+        with quiet_truncation_warnings(pipe):
+            cond, uncond, pooled, negative_pooled = pipe.encode_prompt(
+                list(prompts),
+                None,
+                None,
+                device=pipe.transformer.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=[negative_prompt] * len(prompts),
+                max_sequence_length=max_sequence_length(pipe),
+            )
         return Conditioning(cond, uncond, pooled, negative_pooled)
 
     def initial_latents(self, pipe, batch_size: int, generator=None) -> torch.Tensor:
@@ -196,22 +228,10 @@ class FlowFamily:
 
     def set_timesteps(self, pipe, num_steps: int) -> torch.Tensor:
         """The pipeline's own schedule: its shift, or the resolution-dependent shift ``pipe(...)`` computes."""
-        scheduler = pipe.scheduler
-        kwargs = {}
-        if scheduler.config.get("use_dynamic_shifting", None):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            config = pipe.transformer.config
-            tokens = (config.sample_size // config.patch_size) ** 2
-            kwargs["mu"] = calculate_shift(
-                tokens,
-                scheduler.config.get("base_image_seq_len", 256),
-                scheduler.config.get("max_image_seq_len", 4096),
-                scheduler.config.get("base_shift", 0.5),
-                scheduler.config.get("max_shift", 1.16),
-            )
-        scheduler.set_timesteps(num_steps, device=pipe.transformer.device, **kwargs)
-        return scheduler.timesteps
+        mu = dynamic_shift(pipe)
+        kwargs = {} if mu is None else {"mu": mu}
+        pipe.scheduler.set_timesteps(num_steps, device=pipe.transformer.device, **kwargs)
+        return pipe.scheduler.timesteps
 
     def predict(
         self, denoiser, latents, timestep, conditioning: Conditioning, guidance_scale
@@ -251,6 +271,29 @@ class FlowFamily:
         latents = latents / config.scaling_factor + (config.shift_factor or 0.0)
         images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def training_timesteps(self, pipe, count: int, generator: torch.Generator) -> torch.Tensor:
+        """s = sigmoid(n), n ~ N(0, 1) — SD3's logit-normal sampling (Esser et al. 2024, §3.1, m = 0,
+        std 1, the diffusers SD3 training scripts' default) — moved by the scheduler's shift as
+        those scripts move it; returned as the transformer's timestep s · T (T = 1000)."""
+        logistic = torch.sigmoid(torch.randn(count, generator=generator))
+        return shifted_sigmas(pipe, logistic) * pipe.scheduler.config.num_train_timesteps
+
+    def noised(self, pipe, clean, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_s = (1 − s) x_0 + s ε with s = t / T; the target is the velocity ε − x_0 (SD3 eq. 1–3)."""
+        sigma = timesteps.to(clean.device, torch.float32) / pipe.scheduler.config.num_train_timesteps
+        sigma = sigma.reshape(-1, *([1] * (clean.ndim - 1)))
+        noisy = (1 - sigma) * clean.float() + sigma * noise.float()
+        return noisy.to(clean.dtype), (noise.float() - clean.float()).to(clean.dtype)
+
+    def denoise(self, denoiser, noisy, timesteps, conditioning: Conditioning) -> torch.Tensor:
+        return denoiser(
+            hidden_states=noisy,
+            timestep=timesteps.to(noisy.device),
+            encoder_hidden_states=conditioning.embeds,
+            pooled_projections=conditioning.pooled,
+            return_dict=False,
+        )[0]
 
 
 FAMILY = families.register(FlowFamily())

@@ -221,10 +221,11 @@ def warn_long_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> 
     """
     reported = pipe.__dict__.setdefault("_diffalign_long_prompts", set())
     tokenizer = pipe.tokenizer
-    # transformers' own "sequence length is longer than..." notice says the same once, less clearly.
-    getattr(tokenizer, "deprecation_warnings", {})["sequence-length-is-longer-than-the-specified-maximum"] = (
-        True
-    )
+    # transformers' own "sequence length is longer than..." notice says the same once per tokenizer,
+    # less clearly (SD3 has up to three tokenizers).
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        notices = getattr(getattr(pipe, name, None), "deprecation_warnings", {})
+        notices["sequence-length-is-longer-than-the-specified-maximum"] = True
     limit = tokenizer.model_max_length
     for prompt in dict.fromkeys(prompts):
         if prompt in reported:
@@ -243,17 +244,16 @@ def warn_long_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> 
 
 
 @contextmanager
-def _quiet_truncation_warnings() -> Iterator[None]:
-    """Silence diffusers' per-call truncation warning while ``warn_long_prompts`` speaks once instead."""
-    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion
-
-    stable_diffusion_logger = logging.getLogger(pipeline_stable_diffusion.__name__)
-    level = stable_diffusion_logger.level
-    stable_diffusion_logger.setLevel(logging.ERROR)
+def quiet_truncation_warnings(pipe) -> Iterator[None]:
+    """Silence the per-call truncation warning of ``pipe``'s diffusers module (its logger is named
+    after the module) while ``warn_long_prompts`` speaks once per prompt instead."""
+    pipeline_logger = logging.getLogger(type(pipe).__module__)
+    level = pipeline_logger.level
+    pipeline_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        stable_diffusion_logger.setLevel(level)
+        pipeline_logger.setLevel(level)
 
 
 def encode_prompts(
@@ -261,7 +261,7 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Text embeddings ``(cond, uncond)  # [B, L, D] each`` with the pipeline's own encoder."""
     warn_long_prompts(pipe, [*prompts, negative_prompt])
-    with _quiet_truncation_warnings():
+    with quiet_truncation_warnings(pipe):
         cond, uncond = pipe.encode_prompt(
             list(prompts),
             device=pipe.unet.device,
@@ -378,6 +378,24 @@ class DDIMFamily:
 
     def decode(self, pipe, latents) -> torch.Tensor:
         return decode_latents(pipe, latents)
+
+    def training_timesteps(self, pipe, count: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniform over the DDPM training timesteps 0 … T − 1 (Ho et al. 2020, Algorithm 1)."""
+        return torch.randint(0, pipe.scheduler.config.num_train_timesteps, (count,), generator=generator)
+
+    def noised(self, pipe, clean, noise, timesteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε; the target is ε, or v for a v-prediction model."""
+        scheduler = pipe.scheduler
+        timesteps = timesteps.to(clean.device)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        if scheduler.config.prediction_type == "v_prediction":
+            return noisy, scheduler.get_velocity(clean, noise, timesteps)
+        return noisy, noise
+
+    def denoise(self, denoiser, noisy, timesteps, conditioning: Conditioning) -> torch.Tensor:
+        return denoiser(
+            noisy, timesteps.to(noisy.device), encoder_hidden_states=conditioning.embeds, return_dict=False
+        )[0]
 
 
 def _timestep_of(scheduler, step: int | torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

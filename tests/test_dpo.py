@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from diffalign import pipeline
 from diffalign.config import ConfigError, load_config
+from diffalign.families import Conditioning
 from diffalign.optim.dpo import DPO, dpo_loss, epoch_order, pixels
 from diffalign.optim.dpok import adapter_disabled
 from diffalign.train import build_context, train
@@ -88,7 +89,7 @@ def test_reference_is_the_base_unet_with_the_adapter_off(tmp_path):
     timesteps = torch.tensor([10, 500])
     embeds = torch.randn(2, 77, unet.config.cross_attention_dim)
     with torch.no_grad():
-        reference = method.reference(noisy, timesteps, embeds)
+        reference = method.reference(noisy, timesteps, Conditioning(embeds, torch.zeros_like(embeds)))
         expected = base(noisy, timesteps, encoder_hidden_states=embeds).sample
         adapted = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
     torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-6)
@@ -111,6 +112,7 @@ def test_winner_and_loser_share_noise_and_timestep(tmp_path):
     unet = context.pipe.unet
     latents = torch.randn(4, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     embeds = torch.randn(4, 77, unet.config.cross_attention_dim)
+    embeds = Conditioning(embeds, torch.zeros_like(embeds))
     terms = method.loss_on_latents(latents, latents.clone(), embeds, torch.Generator().manual_seed(0))
     assert terms.logit.abs().max().item() == 0.0
     assert terms.loss.item() == pytest.approx(math.log(2))

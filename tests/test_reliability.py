@@ -634,6 +634,20 @@ def test_a_long_prompt_is_reported_once_not_at_every_call(tiny_pipe, caplog):
     assert len(said) == 1 and "text encoder reads 77" in said[0]
 
 
+def test_a_long_prompt_to_a_flow_model_is_reported_once_too(caplog):
+    from diffalign import pipeline
+    from diffalign.sampling import sample
+
+    flow_pipe = pipeline.load("tiny-random-flow")
+    limit = flow_pipe.tokenizer.model_max_length
+    long_prompt = "a red circle left of a blue square " * 12
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            sample(flow_pipe, [long_prompt, "a cat", long_prompt], num_steps=1)
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 1 and f"text encoder reads {limit}" in said[0]
+
+
 def test_metric_keys_name_a_prompt_file_by_its_stem(tmp_path):
     from diffalign.train import train
 

@@ -30,7 +30,10 @@ from diffalign.errors import DiffalignError, describe_os_error
 # name -> ("module:function" that adds the command's arguments and handler, one-line help).
 # World groups (``diffalign.registry.COMMANDS``) are listed after ``score``.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("train:configure", "fine-tune a pipeline's UNet (LoRA) to maximise a reward"),
+    "train": (
+        "train:configure",
+        "fine-tune a pipeline's UNet or transformer (LoRA) on a reward or preference pairs",
+    ),
     "personalize": (
         "personalize:configure",
         "personalise a pipeline on a few subjects' images (DreamBooth-LoRA, MuDI's Seg-Mix)",

@@ -11,8 +11,8 @@ from diffalign.errors import DiffalignError, describe_os_error
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Fine-tune a Stable Diffusion pipeline's UNet (LoRA) to maximise a reward. With no arguments: the "
-        "default job (below)."
+        "Fine-tune a Stable Diffusion pipeline (1.x/2.x: its UNet; 3: its transformer), with LoRA, to maximise "
+        "a reward or to fit preference pairs. With no arguments: the default job (below)."
     )
     parser.epilog = epilog
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

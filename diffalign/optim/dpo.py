@@ -32,6 +32,17 @@ Conventions here, and why:
 - The text encoder is frozen and the prompt is never dropped (no classifier-free-guidance
   dropout: the reference script's default).
 
+**Flow-matching models** (Stable Diffusion 3, ``diffalign.flow``) run the same estimator on the
+objective they were trained with, as Flow-DPO does (Liu et al. 2025, "Improving Video Generation
+with Human Feedback", arXiv 2501.13918): one noise level s and one ε per pair, x_s = (1 − s) x_0 +
+s ε, and squared errors of the predicted velocity against the target ε − x_0 (which differs between
+winner and loser as their x_0 do) in place of the ε-errors above. s is drawn as SD3 was trained:
+logit-normal (Esser et al. 2024, §3.1), moved by the scheduler's shift (``FlowFamily
+.training_timesteps``). The VideoAlign authors derive a timestep-dependent β from the ELBO's
+weighting and train with a constant one; so does diffalign. VAE latents are (z − shift) · scale for
+SD3's VAE. The family (``diffalign.families``) supplies the timesteps, the noising, the target and
+the unguided prediction, so the loss, the reference and the loop are shared.
+
 Offline: an epoch draws ``dpo.pairs_per_epoch`` pairs (without repeats within an epoch) from the
 preference data (``data``: a registered set such as ``shapes-prefs``, a Pick-a-Pic parquet
 folder, or a JSONL file; ``diffalign.preferences``), and makes one optimiser step per
@@ -60,9 +71,9 @@ from PIL import Image
 
 from diffalign import families
 from diffalign.config import ConfigError, doc
+from diffalign.families import Conditioning
 from diffalign.optim.base import TrainContext, check_finite, clip_and_step, mean_over_processes, register
 from diffalign.optim.dpok import adapter_disabled
-from diffalign.sampling import encode_prompts
 
 if TYPE_CHECKING:
     from diffalign.config import TrainConfig
@@ -150,12 +161,16 @@ def encode_images(
     pipe, images: list[Image.Image], resolution: int, generator: torch.Generator
 ) -> torch.Tensor:
     """VAE latents ``[B, C, h, w]`` of ``images`` (``pixels`` at ``resolution``), sampled from the
-    encoder's distribution with ``generator`` (so a resumed run draws what the uninterrupted one did)."""
+    encoder's distribution with ``generator`` (so a resumed run draws what the uninterrupted one did),
+    in the denoiser's units: (z − shift) · scale, as the pipeline's decoder inverts it (SD3's VAE has
+    a shift, SD 1.x/2.x's has none)."""
     batch = torch.stack([pixels(image, resolution) for image in images])
     batch = batch.to(pipe.vae.device, pipe.vae.dtype)
+    config = pipe.vae.config
     with torch.no_grad():
         posterior = pipe.vae.encode(batch).latent_dist
-        return posterior.sample(generator=generator) * pipe.vae.config.scaling_factor
+        latents = posterior.sample(generator=generator)
+        return (latents - (config.get("shift_factor", None) or 0.0)) * config.scaling_factor
 
 
 def epoch_order(size: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -181,17 +196,13 @@ class DPO:
         self.config = config
         self.data: PreferenceData = open_preferences(config.data, model=config.model)
         pipe = context.pipe
-        if families.of(pipe).denoiser_name != "unet":
-            raise ConfigError(
-                f"dpo trains on ε/v-prediction denoising errors of a DDPM noise schedule; {config.model!r} is a "
-                f"{type(pipe).__name__} (rectified flow), whose flow-matching analogue diffalign does not implement "
-                "yet. Use a Stable Diffusion 1.x/2.x model, or an online method (grpo, ddpo, dpok, alignprop)."
-            )
-        self.resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        # A full fine-tune has no adapter to switch off: keep the pre-trained UNet beside it.
+        self.family = families.of(pipe)
+        self.denoiser = families.denoiser(pipe)  # unwrapped: its adapter is what the reference switches off
+        self.resolution = self.denoiser.config.sample_size * pipe.vae_scale_factor
+        # A full fine-tune has no adapter to switch off: keep the pre-trained denoiser beside it.
         self.frozen = None
         if not config.lora.enabled:
-            self.frozen = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
+            self.frozen = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
 
     @staticmethod
     def accumulation_steps(config: TrainConfig) -> int:
@@ -220,32 +231,32 @@ class DPO:
         chosen = self.latents([pair.chosen for pair in pairs], generator)
         rejected = self.latents([pair.rejected for pair in pairs], generator)
         with torch.no_grad():
-            embeds, _ = encode_prompts(self.context.pipe, [pair.prompt for pair in pairs])
-        return self.loss_on_latents(chosen, rejected, embeds, generator)
+            conditioning = self.family.encode(self.context.pipe, [pair.prompt for pair in pairs], "")
+        return self.loss_on_latents(chosen, rejected, conditioning, generator)
 
     def loss_on_latents(
-        self, chosen: torch.Tensor, rejected: torch.Tensor, embeds: torch.Tensor, generator: torch.Generator
+        self,
+        chosen: torch.Tensor,
+        rejected: torch.Tensor,
+        conditioning: Conditioning,
+        generator: torch.Generator,
     ) -> DPOTerms:
         """The DPO loss of winners ``chosen`` and losers ``rejected`` (VAE latents ``[B, C, h, w]``)
-        for prompts embedded as ``embeds  # [B, L, D]``."""
-        context = self.context
-        scheduler = context.pipe.scheduler
+        for prompts encoded as ``conditioning`` (its conditional rows are used)."""
+        context, family = self.context, self.family
         count = chosen.shape[0]
         # One noise and one timestep per pair, shared by its winner and loser (the paper's estimator).
         noise = torch.randn(chosen.shape, generator=generator, dtype=chosen.dtype).to(chosen.device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator)
+        timesteps = family.training_timesteps(context.pipe, count, generator)
         latents = torch.cat([chosen, rejected])  # [2B, C, h, w]: winners, then losers
         noise, timesteps = torch.cat([noise, noise]), torch.cat([timesteps, timesteps]).to(chosen.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        embeds = torch.cat([embeds, embeds])
+        noisy, target = family.noised(context.pipe, latents, noise, timesteps)
+        both = torch.cat([torch.arange(count), torch.arange(count)])
+        conditioning = conditioning.select(both)
         with context.accelerator.autocast():
-            prediction = context.unet(noisy, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+            prediction = family.denoise(context.unet, noisy, timesteps, conditioning)
         with torch.no_grad(), context.accelerator.autocast():
-            reference = self.reference(noisy, timesteps, embeds)
+            reference = self.reference(noisy, timesteps, conditioning)
         model_errors = denoising_errors(prediction, target)  # [2B]
         reference_errors = denoising_errors(reference, target)
         terms = dpo_loss(
@@ -258,12 +269,14 @@ class DPO:
         terms.model_error = model_errors.mean()
         return terms
 
-    def reference(self, noisy: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def reference(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning
+    ) -> torch.Tensor:
         """The pre-trained model's prediction: the adapter switched off, or the frozen copy."""
         if self.frozen is not None:
-            return self.frozen(noisy, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
-        with adapter_disabled(self.context.pipe.unet):
-            return self.context.unet(noisy, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+            return self.family.denoise(self.frozen, noisy, timesteps, conditioning)
+        with adapter_disabled(self.denoiser):
+            return self.family.denoise(self.context.unet, noisy, timesteps, conditioning)
 
     def run_epoch(self, generator: torch.Generator) -> dict[str, float]:
         config, context = self.config, self.context
