@@ -127,3 +127,21 @@ def test_registry_knows_shapes_prefs():
     entry = registry.PREFERENCE_SETS.get("shapes-prefs")
     assert entry is not None and entry.world == "ShapesWorld"
     assert entry.fits("shapes") and not entry.fits("some/other-model")
+
+
+def test_a_flow_model_build_pairs_its_own_images_of_the_same_prompts(small, tmp_path):
+    flow = prefs.build(tmp_path / "flow", pairs=48, seed=3, model="shapes-flow", progress=False)
+    assert prefs.read_recipe(flow)["recipe"]["model"] == "shapes-flow"
+    ours, theirs = _rows(flow), _rows(small)
+    assert [row["caption"] for row in ours] == [row["caption"] for row in theirs]  # the recipe's prompts
+    differing = sum(row["jpg_0"] != other["jpg_0"] for row, other in zip(ours, theirs))
+    assert differing > 40  # another model drew them
+    for row in ours:  # and the oracle labels them: a well-formed caption has a truth value, a broken one none
+        well_formed = row["prompt_kind"] in ("train", "near-duplicate")
+        assert (0.0 <= row["oracle_0"] <= 1.0) if well_formed else math.isnan(row["oracle_0"])
+
+
+def test_a_build_for_a_model_outside_shapesworld_is_refused(tmp_path):
+    with pytest.raises(prefs.PreferenceDataError, match="does not draw ShapesWorld.*shapes-flow"):
+        prefs.build(tmp_path / "x", pairs=4, model="stable-diffusion-v1-5", progress=False)
+    assert not (tmp_path / "x").exists()

@@ -197,6 +197,12 @@ def configure_prefs(parser: argparse.ArgumentParser) -> None:
         "--pairs", type=int, help="pairs to generate (with --output; the cached set has the default 2400)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole recipe (with --output)")
+    parser.add_argument(
+        "--model",
+        default="shapes",
+        help="the ShapesWorld model whose images are paired (with --output): shapes, or shapes-flow for "
+        "on-policy pairs to train the flow model on",
+    )
     parser.set_defaults(handler=prefs)
 
 
@@ -204,9 +210,9 @@ def prefs(args: argparse.Namespace) -> int:
     from diffalign.shapes import prefs
 
     if args.output is None:
-        if args.pairs is not None or args.seed != 0:
+        if args.pairs is not None or args.seed != 0 or args.model != "shapes":
             raise SystemExit(
-                "diffalign shapes prefs: --pairs and --seed change the recipe, so they need --output DIR; "
+                "diffalign shapes prefs: --pairs, --seed and --model change the recipe, so they need --output DIR; "
                 "the cached set (what `data: shapes-prefs` reads) always has the default recipe"
             )
         folder = prefs.cached_path(rebuild=args.rebuild)
@@ -214,8 +220,8 @@ def prefs(args: argparse.Namespace) -> int:
         folder = Path(args.output)
         if args.rebuild or not (folder / "recipe.json").is_file():
             pairs = prefs.DEFAULT_PAIRS if args.pairs is None else args.pairs
-            print(f"generating {pairs} preference pairs into {folder}", flush=True)
-            prefs.build(folder, pairs=pairs, seed=args.seed, replace=args.rebuild)
+            print(f"generating {pairs} preference pairs of {args.model}'s images into {folder}", flush=True)
+            prefs.build(folder, pairs=pairs, seed=args.seed, model=args.model, replace=args.rebuild)
     report = prefs.read_recipe(folder)
     print(f"{report['name']} at {folder}")
     print(prefs.describe(report["figures"]))

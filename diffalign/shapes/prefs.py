@@ -150,19 +150,28 @@ def build(
     *,
     pairs: int = DEFAULT_PAIRS,
     seed: int = 0,
+    model: str = "shapes",
     progress: bool = True,
     replace: bool = False,
 ) -> Path:
     """Generate ``pairs`` labelled pairs into ``folder`` (parquet shards and ``recipe.json``),
     atomically: the shards are written to a staging folder beside it, renamed when complete. The same
-    ``seed`` gives the same bytes (on the same torch build and thread count). An existing non-empty
-    ``folder`` is kept (``FileExistsError``) unless ``replace``."""
+    ``seed`` gives the same bytes (on the same torch build and thread count). ``model`` draws the
+    images: a ShapesWorld model (``shapes``, ``shapes-flow``), so that the pairs are the samples of the
+    model DPO will train (on-policy). An existing non-empty ``folder`` is kept
+    (``FileExistsError``) unless ``replace``."""
     folder = Path(folder)
     if pairs < 1:
         raise PreferenceDataError(f"pairs must be at least 1, got {pairs}")
+    from diffalign.shapes import MODELS
+
+    if model not in MODELS:
+        raise PreferenceDataError(
+            f"model {model!r} does not draw ShapesWorld: the pairs' oracle labels need one of {', '.join(MODELS)}"
+        )
     if not replace and folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"{folder} already holds files; choose a new folder or rebuild (replace=True)")
-    recipe = Recipe(pairs=pairs, seed=seed)
+    recipe = Recipe(pairs=pairs, seed=seed, model=model)
     rows = generate(recipe, progress=progress)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with outputs.staging_folder(folder, replace=replace) as staging:
@@ -437,9 +446,10 @@ def _generate_images(
     import torch
     from tqdm.auto import tqdm
 
-    from diffalign import pipeline, sampling
+    from diffalign import families, pipeline, sampling
 
     pipe = pipeline.load(recipe.model)
+    family = families.of(pipe)
     pipe.set_progress_bar_config(disable=True)
     images: list[np.ndarray | None] = [None] * len(captions)
     batches = []
@@ -451,10 +461,7 @@ def _generate_images(
     bar = tqdm(total=len(captions), desc="shapes-prefs images", unit="img", disable=not progress)
     for steps, members in batches:
         latents = torch.cat(
-            [
-                sampling.initial_latents(pipe, 1, torch.Generator().manual_seed(settings[i][0]))
-                for i in members
-            ]
+            [family.initial_latents(pipe, 1, torch.Generator().manual_seed(settings[i][0])) for i in members]
         )  # [B, 4, 8, 8]
         guidance = torch.tensor([settings[i][1] for i in members]).unsqueeze(1).expand(-1, steps)  # [B, T]
         trajectory = sampling.sample(
