@@ -142,6 +142,20 @@ def composition(spec: str) -> dict | None:
     return {"pairs": len(data), **{key: value / len(data) for key, value in counts.items()}}
 
 
+def evaluated_run(seed: int, evaluations: int, pairs_per_epoch: int, folder: Path) -> list[str]:
+    """The overrides of a study's DPO run: ``evaluations`` epochs of ``pairs_per_epoch`` pairs, each
+    followed by the fixed-noise evaluation, weights saved at the end, into ``folder``."""
+    return [
+        f"seed={seed}",
+        f"epochs={evaluations}",
+        f"dpo.pairs_per_epoch={pairs_per_epoch}",
+        "eval.every=1",
+        f"save_every={evaluations}",
+        "tensorboard=false",
+        f"output_dir={folder}",
+    ]
+
+
 def steps_to_match(run_changes: list[float], pairs_seen: list[int], target: float) -> int | None:
     """The first evaluated count of pairs seen at which the change reaches ``target`` (None: never)."""
     for seen, change in zip(pairs_seen, run_changes):
@@ -213,13 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             "method=dpo",
             f"data={paths.get(seed, paths.get('any'))}",
             *args.overrides,
-            f"seed={seed}",
-            f"epochs={args.evaluations}",
-            f"dpo.pairs_per_epoch={steps_per_epoch * batch}",
-            "eval.every=1",
-            f"save_every={args.evaluations}",
-            "tensorboard=false",
-            f"output_dir={folder}",
+            *evaluated_run(seed, args.evaluations, steps_per_epoch * batch, folder),
         ]
 
     variants = {name: [] for name in args.variants}

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from diffalign.benchmarks import seeded_runs
+from diffalign.benchmarks import fifa_dpo, seeded_runs
 from diffalign.benchmarks.fifa_dpo import composition
 
 TRAIN_ORACLE = "eval/shapes-train/shapes-oracle"
@@ -118,13 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval.prompt_sets=[shapes-train, shapes-heldout, shapes-count]",
             "eval.rewards=[shapes-oracle]",
             *args.overrides,
-            f"seed={seed}",
-            f"epochs={args.evaluations}",
-            f"dpo.pairs_per_epoch={steps_per_epoch * batch}",
-            "eval.every=1",
-            f"save_every={args.evaluations}",
-            "tensorboard=false",
-            f"output_dir={folder}",
+            *fifa_dpo.evaluated_run(seed, args.evaluations, steps_per_epoch * batch, folder),
         ]
 
     runs, execution = seeded_runs.run_grid(
@@ -217,17 +211,11 @@ def table(summary: dict) -> str:
 
 
 def composition_table(truth: dict) -> str:
-    """Shares of each preference set's pairs by what the oracle says of their labels."""
-    lines = [
-        "| pairs of | pairs | chosen better | equal | chosen worse | broken prompt | label flipped |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, entry in truth.items():
-        if entry is None:
-            continue
-        shares = " | ".join(f"{entry[key]:.1%}" for key in ("better", "equal", "worse", "broken", "flipped"))
-        lines.append(f"| {'shapes' if name == 'unet' else 'shapes-flow'} | {entry['pairs']} | {shares} |")
-    return "\n".join(lines)
+    """Shares of each preference set's pairs by what the oracle says of their labels (by the model
+    that drew them)."""
+    return fifa_dpo.composition_table(
+        {("shapes" if name == "unet" else "shapes-flow"): entry for name, entry in truth.items()}
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from PIL import Image
-from test_dpo import separable_pairs
+from test_dpo import TINY, learning_probe, separable_pairs
 
 from diffalign import families, pipeline
 from diffalign.config import load_config
@@ -16,19 +16,8 @@ from diffalign.flow import shifted_sigmas
 from diffalign.optim.dpo import DPO, encode_images
 from diffalign.train import build_context, train
 
-FLOW_DPO = [
-    "method=dpo",
-    "model=tiny-random-flow",
-    "reward=jpeg-compressibility",
-    "eval.prompt_sets=[]",
-    "eval.rewards=[]",
-    "eval.size=4",
-    "eval.every=2",
-    "sample.num_steps=4",
-    "train.batch_size=4",
-    "dpo.pairs_per_epoch=8",
-    "tensorboard=false",
-]
+# The UNet tests' tiny job, on the tiny SD3 pipeline.
+FLOW_DPO = [*(override for override in TINY if not override.startswith("model=")), "model=tiny-random-flow"]
 
 
 def _config(tmp_path, name, *extra):
@@ -145,22 +134,9 @@ def test_flow_dpo_learns_a_separable_preference(tmp_path):
     """Red beats blue: after a few epochs the model prefers the winner more than the reference does,
     on fixed noise and timesteps (at the start it is the reference: logit 0, loss log 2)."""
     config = _config(tmp_path, "learn", "train.learning_rate=3e-3", "dpo.beta=500", "lora.rank=8")
-    context = build_context(config)
-    method = DPO(context, config)
-    pairs = method.data.pairs(list(range(8)) * 4)
-
-    def probe():
-        with torch.no_grad():
-            terms = method.terms(pairs, torch.Generator().manual_seed(123))
-        return (terms.logit > 0).float().mean().item(), terms.logit.mean().item(), terms.loss.item()
-
-    before = probe()
+    method = DPO(build_context(config), config)
+    before, curve = learning_probe(method, epochs=16, every=4)
     assert before == (0.0, 0.0, pytest.approx(math.log(2)))
-    curve = []
-    for epoch in range(16):
-        method.run_epoch(torch.Generator().manual_seed(epoch))
-        if epoch % 4 == 3:
-            curve.append(probe())
     margins = [margin for _, margin, _ in curve]
     assert margins == sorted(margins)  # the margin grows at every probe
     accuracy, margin, loss = curve[-1]
