@@ -42,8 +42,8 @@ composition's background is one the references already have and is not a new cue
 ``"a photo of {token_1} and {token_2}"`` in random order (official: "a photo of a {} and a {}, simple
 background."; the trainer's prompt template owns the wording beyond naming every subject).
 
-Mean-shifted initialisation. With ``ε ~ N(0, I)`` drawn exactly as :func:`diffalign.sampling.initial_latents`
-draws it, ``σ`` the scheduler's ``init_noise_sigma``, ``μ = scaling_factor · (E(x_mix) − shift_factor)``
+Mean-shifted initialisation. With ``ε ~ N(0, I)`` drawn exactly as the model family's ``initial_latents``
+draws it, ``σ`` the scheduler's ``init_noise_sigma`` (1 for a rectified flow, whose x_1 is ε), ``μ = scaling_factor · (E(x_mix) − shift_factor)``
 the VAE posterior mean of a Seg-Mix composition ``x_mix`` and ``m`` its per-channel spatial mean::
 
     z_T = σ ε + γ (μ − m)
@@ -77,8 +77,8 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from diffalign import families
 from diffalign.errors import DiffalignError
-from diffalign.sampling import initial_latents
 from diffalign.subjects import SubjectError, SubjectImages
 
 SEGMIX_PROB = 0.3  # probability an example is a Seg-Mix composition (the official README's example)
@@ -312,7 +312,7 @@ def mean_shifted_latents(
 ) -> torch.Tensor:
     """MuDI's initial latent ``[1, C, h, w]``: ``z_T = σ ε + γ (μ − m)`` (module docstring).
 
-    ``ε`` is drawn from ``generator`` first and exactly as :func:`diffalign.sampling.initial_latents`
+    ``ε`` is drawn from ``generator`` first and exactly as the model family's ``initial_latents``
     draws it, so ``gamma=0`` returns that tensor and a seed means the same noise with or without the
     shift. The layout of the Seg-Mix composition behind ``μ`` is then drawn from the same generator.
     ``resolution`` defaults to the pipeline's native image size.
@@ -320,7 +320,9 @@ def mean_shifted_latents(
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0 (0 = plain Gaussian noise), got {gamma}")
     down = pipe.vae_scale_factor
-    native = pipe.unet.config.sample_size
+    family = families.of(pipe)
+    denoiser = families.denoiser(pipe)
+    native = denoiser.config.sample_size
     resolution = native * down if resolution is None else resolution
     if resolution % down:
         raise ValueError(
@@ -328,11 +330,12 @@ def mean_shifted_latents(
             f"use e.g. {resolution // down * down or down}"
         )
     if resolution // down == native:
-        noise = initial_latents(pipe, 1, generator)  # [1, C, h, w]
+        noise = family.initial_latents(pipe, 1, generator)  # [1, C, h, w]
     else:
-        shape = (1, pipe.unet.config.in_channels, resolution // down, resolution // down)
-        noise = randn_tensor(shape, generator=generator, device=pipe.unet.device, dtype=pipe.unet.dtype)
-        noise = noise * pipe.scheduler.init_noise_sigma
+        shape = (1, denoiser.config.in_channels, resolution // down, resolution // down)
+        noise = randn_tensor(shape, generator=generator, device=denoiser.device, dtype=denoiser.dtype)
+        # DDPM-style schedulers scale x_T; a flow's x_1 is the unit Gaussian itself.
+        noise = noise * getattr(pipe.scheduler, "init_noise_sigma", 1.0)
     if gamma == 0:
         return noise
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
@@ -344,7 +347,7 @@ def mean_shifted_latents(
 
 @torch.no_grad()
 def composition_latent(pipe: StableDiffusionPipeline, image: Image.Image) -> torch.Tensor:
-    """``[1, C, h, w]``: the VAE's posterior mean of ``image``, in the scaled space the UNet denoises.
+    """``[1, C, h, w]``: the VAE's posterior mean of ``image``, in the scaled space the denoiser (UNet or flow transformer) reads.
 
     The posterior mean rather than a sample: the noise is already ε's job, and a sample would draw
     from a generator the caller does not see.

@@ -575,17 +575,14 @@ class Personalizer:
         )
         self.main = accelerator.is_main_process
         pipe = self.pipe = pipeline.load(config.model, seed=config.seed)
-        if families.of(pipe).denoiser_name != "unet":
-            raise ConfigError(
-                f"personalisation trains a UNet with DreamBooth's noise-prediction loss; {config.model!r} is a "
-                f"{type(pipe).__name__} (rectified flow), which diffalign personalize does not train. Use a "
-                "Stable Diffusion 1.x/2.x model (shapes, or a local folder)."
-            )
+        self.family = families.of(pipe)
+        # The module trained: the UNet of SD 1.x/2.x, the transformer of SD3 (unwrapped).
+        self.denoiser = families.denoiser(pipe)
         self.vae = chosen_vae(config)
         if self.vae:
             pipeline.swap_vae(pipe, self.vae, config.model)
         pipe.to(accelerator.device)
-        self.resolution = config.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.resolution = config.resolution or self.denoiser.config.sample_size * pipe.vae_scale_factor
         # The prior is what the *base* model draws, so the class images come before the adapter.
         self.class_images: dict[str, list[Image.Image]] = {}
         if config.prior.enabled:
@@ -605,9 +602,9 @@ class Personalizer:
             target_modules=tuple(config.lora.target_modules),
             init=config.lora.init,
         )
-        self.parameters = [p for p in pipe.unet.parameters() if p.requires_grad]
+        self.parameters = [p for p in self.denoiser.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate)
-        self.unet, self.optimizer = accelerator.prepare(pipe.unet, optimizer)
+        self.model, self.optimizer = accelerator.prepare(self.denoiser, optimizer)
         accelerator.wait_for_everyone()
 
         self.step = 0
@@ -616,7 +613,7 @@ class Personalizer:
             outputs.remove_debris(output)
             checkpoint.remove_debris(self.checkpoints)
         if previous is not None:
-            state = checkpoint.load(previous, unet=pipe.unet, lora=True, optimizer=self.optimizer)
+            state = checkpoint.load(previous, unet=self.denoiser, lora=True, optimizer=self.optimizer)
             self.step, self.history = state["epoch"], state["history"]
             if self.main:
                 record = {"step": self.step, "changes": changes, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -657,13 +654,12 @@ class Personalizer:
         """The grids' fixed initial noise ``[P * images_per_prompt, C, h, w]``: Gaussian, or MuDI's
         mean-shifted noise when ``eval.mean_shift`` > 0."""
         from diffalign.evaluation import evaluation_generator
-        from diffalign.sampling import initial_latents
 
         count = len(self.prompts) * self.config.eval.images_per_prompt
         generator = evaluation_generator(self.config.seed)
         gamma = self.config.eval.mean_shift
         if gamma <= 0:
-            return initial_latents(self.pipe, count, generator).cpu()
+            return self.family.initial_latents(self.pipe, count, generator).cpu()
         from diffalign import mudi
 
         return torch.cat(
@@ -691,8 +687,8 @@ class Personalizer:
 
         per_prompt = self.config.eval.images_per_prompt
         prompts = [prompt for prompt in self.prompts for _ in range(per_prompt)]
-        was_training = self.pipe.unet.training
-        self.pipe.unet.eval()
+        was_training = self.denoiser.training
+        self.denoiser.eval()
         with self.accelerator.autocast():
             images = sample(
                 self.pipe,
@@ -700,9 +696,9 @@ class Personalizer:
                 num_steps=self.config.eval.num_steps,
                 guidance_scale=self.config.eval.guidance_scale,
                 eta=0.0,
-                latents=self.eval_latents.to(self.pipe.unet.device),
+                latents=self.eval_latents.to(self.denoiser.device),
             ).images
-        self.pipe.unet.train(was_training)
+        self.denoiser.train(was_training)
         plots.save_grid(
             images,
             prompts,
@@ -760,28 +756,21 @@ class Personalizer:
         return instances, priors
 
     def losses(self, examples: list[Example], generator: torch.Generator) -> torch.Tensor:
-        """DreamBooth's per-example denoising errors ``‖ε − ε_θ(z_t, t, c)‖²  # [B]`` (fp32; the
-        velocity replaces ε for v-prediction models), one noise and one timestep per example."""
+        """DreamBooth's per-example denoising errors ``# [B]`` (fp32), one noise and one timestep per
+        example, on the objective the model was pre-trained with: ``‖ε − ε_θ(z_t, t, c)‖²`` for a
+        UNet (the velocity replaces ε for v-prediction models), ``‖(ε − z_0) − v_θ(z_s, s, c)‖²`` at
+        SD3's logit-normal s for a flow transformer, as diffusers' SD3 DreamBooth script trains it."""
         from diffalign.optim.dpo import denoising_errors, encode_images
-        from diffalign.sampling import encode_prompts
 
-        pipe = self.pipe
-        scheduler = pipe.scheduler
+        pipe, family = self.pipe, self.family
         latents = encode_images(pipe, [example.image for example in examples], self.resolution, generator)
         with torch.no_grad():
-            embeds, _ = encode_prompts(pipe, [example.prompt for example in examples])
+            conditioning = family.encode(pipe, [example.prompt for example in examples], "")
         noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (len(examples),), generator=generator
-        )
-        timesteps = timesteps.to(latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        timesteps = family.training_timesteps(pipe, len(examples), generator).to(latents.device)
+        noisy, target = family.noised(pipe, latents, noise, timesteps)
         with self.accelerator.autocast():
-            prediction = self.unet(noisy, timesteps, encoder_hidden_states=embeds, return_dict=False)[0]
+            prediction = family.denoise(self.model, noisy, timesteps, conditioning)
         return denoising_errors(prediction, target)
 
     def run_step(self) -> dict:
@@ -796,7 +785,7 @@ class Personalizer:
         )
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         instances, priors = self.draw(rng)
-        self.unet.train()
+        self.model.train()
         # One UNet call on instances and class images together, as diffusers' script does.
         errors = self.losses(instances + priors, generator)
         instance_loss = errors[: len(instances)].mean()
@@ -836,7 +825,7 @@ class Personalizer:
             checkpoint.save(
                 self.checkpoints,
                 epoch=self.step,
-                unet=self.pipe.unet,
+                unet=self.denoiser,
                 lora=True,
                 optimizer=self.optimizer,
                 trainer_state={"history": self.history, "num_processes": self.accelerator.num_processes},
@@ -852,7 +841,7 @@ class Personalizer:
         lora_dir = None
         if self.main:
             lora_dir = self.output / "lora"
-            pipeline.save_lora(self.pipe.unet, lora_dir)
+            pipeline.save_lora(self.denoiser, lora_dir)
             # One step's loss draws one timestep per example, so it jumps by 10x from step to step; the
             # running mean over a twentieth of the run is what shows whether the loss goes down.
             window = max(1, self.step // 20)

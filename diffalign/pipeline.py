@@ -222,8 +222,14 @@ def swap_vae(pipe: StableDiffusionPipeline, spec: str, model: str) -> Autoencode
         if getattr(old, key) != getattr(new, key):
             raise PipelineError(
                 f"vae {spec!r} does not fit {model!r}: its {key} is {getattr(new, key)}, the pipeline's is "
-                f"{getattr(old, key)}, so the UNet's latents would be read wrong"
+                f"{getattr(old, key)}, so the denoiser's latents would be read wrong"
             )
+    old_shift, new_shift = old.get("shift_factor", None) or 0.0, new.get("shift_factor", None) or 0.0
+    if old_shift != new_shift:  # SD3's VAE centres its latents, SD 1.x/2.x's does not
+        raise PipelineError(
+            f"vae {spec!r} does not fit {model!r}: its shift_factor is {new_shift}, the pipeline's is {old_shift}, "
+            "so the denoiser's latents would be read off-centre"
+        )
     if len(old.block_out_channels) != len(new.block_out_channels):
         raise PipelineError(
             f"vae {spec!r} does not fit {model!r}: it down-samples {2 ** (len(new.block_out_channels) - 1)}×, "

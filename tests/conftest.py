@@ -25,3 +25,11 @@ def tiny_pipe(tiny_pipe_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    """diffalign's cache (``DIFFALIGN_CACHE``) moved into the test's own folder."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("DIFFALIGN_CACHE", str(folder))
+    return folder

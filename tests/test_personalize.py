@@ -42,13 +42,6 @@ def _write_subject(folder, colour, count=2, size=(40, 40), mask=False):
 
 
 @pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("DIFFALIGN_CACHE", str(folder))
-    return folder
-
-
-@pytest.fixture()
 def folders(tmp_path):
     return {
         "toy": _write_subject(tmp_path / "toy", (200, 30, 30)),

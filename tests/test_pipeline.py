@@ -156,7 +156,12 @@ def test_swap_vae_refuses_other_latents_unknown_names_and_other_models(tmp_path,
     _perturbed_vae_folder(tiny_pipe, tmp_path / "scaled", scaling_factor=0.5)
     with pytest.raises(pipeline.PipelineError, match="scaling_factor"):
         pipeline.swap_vae(tiny_pipe, str(tmp_path / "scaled"), "tiny-random")
+    _perturbed_vae_folder(tiny_pipe, tmp_path / "centred", shift_factor=0.0609)  # SD3's VAE into SD 1.x
+    with pytest.raises(pipeline.PipelineError, match="shift_factor is 0.0609, the pipeline's is 0.0"):
+        pipeline.swap_vae(tiny_pipe, str(tmp_path / "centred"), "tiny-random")
     with pytest.raises(pipeline.PipelineError, match="Did you mean 'shapes-vae-marked'"):
         pipeline.swap_vae(tiny_pipe, "shapes-vae-marks", "tiny-random")
-    with pytest.raises(pipeline.PipelineError, match="made for the models shapes, not 'tiny-random'"):
+    with pytest.raises(
+        pipeline.PipelineError, match="made for the models shapes, shapes-flow, not 'tiny-random'"
+    ):
         pipeline.swap_vae(tiny_pipe, "shapes-vae-marked", "tiny-random")

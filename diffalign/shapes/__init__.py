@@ -156,7 +156,7 @@ for _pair in SUBJECT_PAIR_NAMES:
 registry.register_vae(
     "shapes-vae-marked",
     _load_marked_vae,
-    models=MODELS[:1],
+    models=("shapes", "shapes-flow"),  # both denoise the shipped VAE's latents (shapes-flow with shift 0)
     world="ShapesWorld",
     description="the shapes VAE fine-tuned to draw marked shapes (MuDI subjects), same latent space",
 )
