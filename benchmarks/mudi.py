@@ -33,6 +33,7 @@ generations for the same prompts and noise) and prints the table.
 
     python -m diffalign.benchmarks.mudi --output benchmarks/results/mudi --jobs 2
     python -m diffalign.benchmarks.mudi --quick --output /tmp/mudi-quick
+    python -m diffalign.benchmarks.mudi --model shapes-flow --output results/mudi-flow   # the SD3-style model
 """
 
 from __future__ import annotations
@@ -74,12 +75,13 @@ def subject_images(pair: str):
     return load_subjects(resolve_subjects(config))
 
 
-def study_pipeline(lora: Path | None):
-    """The shipped pipeline drawing with ``shapes-vae-marked``, with the run's LoRA when given."""
+def study_pipeline(lora: Path | None, model: str = "shapes"):
+    """The shipped ``model`` (``shapes`` or ``shapes-flow``) drawing with ``shapes-vae-marked``, with
+    the run's LoRA when given."""
     from diffalign import pipeline
 
-    pipe = pipeline.load("shapes")
-    pipeline.swap_vae(pipe, "shapes-vae-marked", "shapes")
+    pipe = pipeline.load(model)
+    pipeline.swap_vae(pipe, "shapes-vae-marked", model)
     if lora is not None:
         pipe.load_lora_weights(str(lora))
     return pipe
@@ -144,6 +146,7 @@ def run_one(task: dict) -> dict:
     from diffalign.personalize import load_personalize_config, personalize
 
     overrides = [
+        f"model={task['model']}",
         f"subject_set=shapes-{task['pair']}",
         f"mode={task['mode']}",
         f"seed={task['seed']}",
@@ -160,7 +163,7 @@ def run_one(task: dict) -> dict:
     result = personalize(config, progress=False)
     cpu_seconds, wall_seconds = time.process_time() - cpu, time.perf_counter() - wall
     subjects = subject_images(task["pair"])
-    pipe = study_pipeline(result.lora_dir)
+    pipe = study_pipeline(result.lora_dir, task["model"])
     evaluations = {}
     for gamma in sorted({0.0, task["gamma"]}):
         evaluations[str(gamma)] = evaluate(
@@ -184,7 +187,7 @@ def base_one(task: dict) -> dict:
 
     torch.set_num_threads(task["threads"])
     subjects = subject_images(task["pair"])
-    pipe = study_pipeline(None)
+    pipe = study_pipeline(None, task["model"])
     evaluation = evaluate(pipe, task["pair"], subjects, seed=task["seed"], gamma=0.0, **task["sampling"])
     return {"pair": task["pair"], "seed": task["seed"], "mode": "base", "evaluations": {"0.0": evaluation}}
 
@@ -327,6 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         "--pairs", nargs="+", help="subject pairs (default: similar-k and dissimilar-k, k = seed + 1)"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--model",
+        default="shapes",
+        choices=["shapes", "shapes-flow"],
+        help="the ShapesWorld model personalised: the UNet model or the SD3-style flow model",
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES.values()), choices=list(MODES.values()))
     parser.add_argument("--steps", type=int, default=2000, help="training steps of every run")
     parser.add_argument(
@@ -370,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": args.steps,
                 "gamma": args.gamma,
                 "overrides": args.overrides,
+                "model": args.model,
                 "threads": threads,
                 "sampling": sampling,
             }
@@ -377,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             for mode in args.modes
         ]
         bases = [
-            {"pair": pair, "seed": seed, "threads": threads, "sampling": sampling} for pair, seed in plans
+            {"pair": pair, "seed": seed, "threads": threads, "sampling": sampling, "model": args.model}
+            for pair, seed in plans
         ]
         subject_images(plans[0][0])  # write the subject sets into the cache once, before the workers
         if args.jobs == 1:

@@ -9,7 +9,14 @@ term on images the *base* model drew of the class (paper eq. 2):
     L = E ‖ε − ε_θ(z_t, t, c)‖² + λ · E ‖ε' − ε_θ(z'_t', t', c_pr)‖²
 
 Here θ is a LoRA adapter on the UNet (Hu et al. 2022), as in diffusers' ``train_dreambooth_lora.py``;
-the text encoder is frozen. With several subjects every step draws examples of every subject.
+the text encoder is frozen. With several subjects every step draws examples of every subject. On a
+Stable Diffusion 3-style flow model θ is a LoRA on the transformer and each term is the flow-matching
+loss the model was pre-trained with, ‖(ε − z_0) − v_θ(z_s, s, c)‖² at z_s = (1 − s) z_0 + s ε with
+SD3's logit-normal s moved by the scheduler's shift (Esser et al. 2024, §3.1); the model family
+(``diffalign.families``) supplies the timesteps, noising, target and prediction for either.
+Deviation: diffusers' SD3 DreamBooth scripts by default (``--precondition_outputs 1``) regress
+z_0 through z_s − s·v_θ instead, which is this loss weighted by s²; the unweighted velocity loss
+is kept here so that personalisation trains the objective the model (and Flow-DPO) uses.
 
 MuDI (Jang, Jo, Lee, Hwang; "Identity Decoupling for Multi-Subject Personalization of Text-to-Image
 Models", NeurIPS 2024, arXiv 2404.04243) adds, on top of that loop, training images composed of
@@ -198,13 +205,15 @@ class PersonalizeConfig:
     batch_size: int = doc(1, "images per subject per step (and as many class images per subject)")
     learning_rate: float = doc(1e-4, "AdamW learning rate of the LoRA (diffusers' DreamBooth-LoRA example)")
     max_grad_norm: float = doc(1.0, "gradient clipping norm")
-    resolution: int = doc(0, "training image size in pixels; 0 = the pipeline's own (UNet size x VAE factor)")
+    resolution: int = doc(
+        0, "training image size in pixels; 0 = the pipeline's own (denoiser size x VAE factor)"
+    )
     seed: int = doc(0, "seed for the LoRA init, example draws, noise, timesteps and the grids' noise")
     output_dir: str = doc("runs/personalize", "where metrics, grids, checkpoints and the final lora/ go")
     mixed_precision: str = doc("no", "accelerate mixed precision: no | fp16 | bf16")
     save_every: int = doc(100, "write a checkpoint every this many steps (and at the end)")
     keep_checkpoints: int = doc(2, "how many recent checkpoints to keep")
-    lora: LoraSection = doc(LoraSection, "LoRA adapter on the UNet")
+    lora: LoraSection = doc(LoraSection, "LoRA adapter on the UNet (or an SD3 model's transformer)")
     prior: PriorSection = doc(PriorSection, "prior preservation")
     segmentation: SegmentationSection = doc(SegmentationSection, "masks for Seg-Mix and the mean shift")
     eval: PersonalizeEvalSection = doc(PersonalizeEvalSection, "sample grids and their D&C score")
@@ -247,7 +256,7 @@ class PersonalizeConfig:
         if not self.lora.enabled:
             raise ConfigError(
                 "lora.enabled must be true: personalisation trains a LoRA adapter (saved in diffusers' format), "
-                "never the full UNet"
+                "never the full UNet or transformer"
             )
         try:
             pipeline.check_spec(self.model)
@@ -759,7 +768,7 @@ class Personalizer:
         """DreamBooth's per-example denoising errors ``# [B]`` (fp32), one noise and one timestep per
         example, on the objective the model was pre-trained with: ``‖ε − ε_θ(z_t, t, c)‖²`` for a
         UNet (the velocity replaces ε for v-prediction models), ``‖(ε − z_0) − v_θ(z_s, s, c)‖²`` at
-        SD3's logit-normal s for a flow transformer, as diffusers' SD3 DreamBooth script trains it."""
+        SD3's logit-normal s for a flow transformer (unweighted: module docstring)."""
         from diffalign.optim.dpo import denoising_errors, encode_images
 
         pipe, family = self.pipe, self.family
@@ -786,7 +795,7 @@ class Personalizer:
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         instances, priors = self.draw(rng)
         self.model.train()
-        # One UNet call on instances and class images together, as diffusers' script does.
+        # One denoiser call on instances and class images together, as diffusers' script does.
         errors = self.losses(instances + priors, generator)
         instance_loss = errors[: len(instances)].mean()
         prior_loss = errors[len(instances) :].mean() if priors else torch.zeros(())

@@ -31,11 +31,14 @@ def test_summary_gives_each_arm_its_seeds_spread_and_mudi_is_segmix_with_the_shi
 
 
 @pytest.mark.slow
-def test_quick_study_writes_json_plot_grid_and_table(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("model", ["shapes", "shapes-flow"])
+def test_quick_study_writes_json_plot_grid_and_table(tmp_path, monkeypatch, capsys, model):
     monkeypatch.setenv("DIFFALIGN_CACHE", str(tmp_path / "cache"))
     output = tmp_path / "study"
     code = study.main(
         [
+            "--model",
+            model,
             "--seeds",
             "0",
             "--pairs",
@@ -67,6 +70,7 @@ def test_quick_study_writes_json_plot_grid_and_table(tmp_path, monkeypatch, caps
     )
     assert code == 0
     result = json.loads((output / "mudi.json").read_text())
+    assert result["settings"]["model"] == model
     arms = result["summary"]["similar"]
     assert {"base", "dreambooth", "dreambooth+init", "mudi-no-init", "mudi"} <= set(arms)
     for arm in arms.values():
