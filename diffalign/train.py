@@ -70,9 +70,8 @@ class TrainResult:
         lines.append(
             f"grids: {out / 'samples'} (epoch-NNNN.png, one per evaluation); curves: {out / 'reward_curve.png'}"
         )
-        whole = (
-            out / "transformer" if (out / "transformer").is_dir() else out / "unet"
-        )  # a flow model's, or a UNet
+        # A full fine-tune saves the trained denoiser: a flow model's transformer, or a UNet.
+        whole = out / "transformer" if (out / "transformer").is_dir() else out / "unet"
         weights = self.lora_dir if self.lora_dir is not None else whole
         lines.append(
             f"metrics: {out / 'metrics.jsonl'}; weights: {weights}; checkpoints: {out / 'checkpoints'}"
